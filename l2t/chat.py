@@ -1,0 +1,311 @@
+"""Prompt rendering: a conversation -> one text, with the role of every character span.
+
+Each model family expects its own prompt layout. A `PromptFormat` is data: the
+strings around the system prompt, each user turn, each assistant turn and each
+image. `render` lays a conversation out and records which span of the text is
+what, so the mask can later be read off the tokens:
+
+- "system": system templates — the system prompt, role markers, separators,
+  the image placeholder's separator (the newline after `<image>`);
+- "image": the image placeholder itself (expanded into image tokens later);
+- "instruction": what the user wrote (task templates are found inside it later);
+- "response": what the assistant answered;
+- "response_end": the marker that ends an answer (`</s>`, `<|im_end|>`, ...),
+  which stays in the loss as in standard visual instruction tuning.
+
+Messages hold text with `<image>` where an image goes (see `l2t.data`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+IMAGE = "<image>"
+
+SYSTEM = "system"
+IMAGE_ROLE = "image"
+INSTRUCTION = "instruction"
+RESPONSE = "response"
+RESPONSE_END = "response_end"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    name: str
+    image_placeholder: str = IMAGE
+    """Text that stands for one image in the prompt (what the processor expands)."""
+    image_separator: str = ""
+    """Written after each image placeholder (a system template)."""
+    default_system: str = ""
+    """System prompt used when a conversation has none."""
+    preamble: str = ""
+    system_start: str = ""
+    system_end: str = ""
+    user_start: str = ""
+    user_start_with_image: str | None = None
+    """Used instead of user_start when the turn begins with an image (SmolVLM)."""
+    user_end: str = ""
+    assistant_start: str = ""
+    """The generation prompt: ends the prompt when asking the model for an answer."""
+    response_lead: str = ""
+    """Between assistant_start and the answer (a space for SentencePiece-style formats)."""
+    response_end: str = ""
+    turn_end: str = ""
+
+
+FORMATS: dict[str, PromptFormat] = {
+    f.name: f
+    for f in [
+        # LLaVA-1.5 (vicuna_v1 conversation): `<sys> USER: <image>\nq ASSISTANT: a</s>`
+        PromptFormat(
+            name="llava-1.5",
+            image_separator="\n",
+            default_system=(
+                "A chat between a curious user and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the user's questions."
+            ),
+            system_end=" ",
+            user_start="USER: ",
+            user_end=" ",
+            assistant_start="ASSISTANT:",
+            response_lead=" ",
+            response_end="</s>",
+        ),
+        # TinyLLaVA v1 (bczhou/tiny-llava-v1-hf model card): `USER: <image>\nq\nASSISTANT: a</s>`
+        PromptFormat(
+            name="tiny-llava-v1",
+            image_separator="\n",
+            system_end="\n",
+            user_start="USER: ",
+            user_end="\n",
+            assistant_start="ASSISTANT:",
+            response_lead=" ",
+            response_end="</s>",
+        ),
+        # ChatML with LLaVA's `<image>` (llava-interleave-qwen, llava-onevision)
+        PromptFormat(
+            name="chatml",
+            image_separator="\n",
+            system_start="<|im_start|>system\n",
+            system_end="<|im_end|>\n",
+            user_start="<|im_start|>user\n",
+            user_end="<|im_end|>\n",
+            assistant_start="<|im_start|>assistant\n",
+            response_end="<|im_end|>",
+            turn_end="\n",
+        ),
+        # Qwen2-VL: ChatML, default system prompt, vision start/pad/end tokens
+        PromptFormat(
+            name="qwen2-vl",
+            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+            default_system="You are a helpful assistant.",
+            system_start="<|im_start|>system\n",
+            system_end="<|im_end|>\n",
+            user_start="<|im_start|>user\n",
+            user_end="<|im_end|>\n",
+            assistant_start="<|im_start|>assistant\n",
+            response_end="<|im_end|>",
+            turn_end="\n",
+        ),
+        # SmolVLM / Idefics3: `<|im_start|>User:<image>q<end_of_utterance>\nAssistant: a<end_of_utterance>\n`
+        PromptFormat(
+            name="smolvlm",
+            preamble="<|im_start|>",
+            system_start="System: ",
+            system_end="<end_of_utterance>\n",
+            user_start="User: ",
+            user_start_with_image="User:",
+            user_end="<end_of_utterance>\n",
+            assistant_start="Assistant:",
+            response_lead=" ",
+            response_end="<end_of_utterance>",
+            turn_end="\n",
+        ),
+        # LLaVA-NeXT Mistral: `[INST] <image>\nq [/INST] a</s>`
+        PromptFormat(
+            name="llava-next-mistral",
+            image_separator="\n",
+            system_end="\n",
+            user_start="[INST] ",
+            assistant_start=" [/INST]",
+            response_lead=" ",
+            response_end="</s>",
+        ),
+    ]
+}
+
+
+@dataclass
+class Rendered:
+    text: str
+    spans: list[tuple[int, int, str]] = field(default_factory=list)
+    """(start, end, role) covering `text` end to end, in order."""
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
+    """(start, end) of each image placeholder, in the order of the images."""
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.spans: list[tuple[int, int, str]] = []
+        self.image_spans: list[tuple[int, int]] = []
+        self.length = 0
+
+    def add(self, text: str, role: str) -> None:
+        if not text:
+            return
+        start = self.length
+        self.parts.append(text)
+        self.length += len(text)
+        self.spans.append((start, self.length, role))
+        if role == IMAGE_ROLE:
+            self.image_spans.append((start, self.length))
+
+    def result(self) -> Rendered:
+        return Rendered("".join(self.parts), self.spans, self.image_spans)
+
+
+_IMAGE_SPLIT = re.compile(f"({re.escape(IMAGE)})")
+
+
+def _write_content(out: _Writer, fmt: PromptFormat, content: str, role: str) -> None:
+    for piece in _IMAGE_SPLIT.split(content):
+        if piece == IMAGE:
+            out.add(fmt.image_placeholder, IMAGE_ROLE)
+            out.add(fmt.image_separator, SYSTEM)
+        else:
+            out.add(piece, role)
+
+
+def render(messages: list[dict], fmt: PromptFormat, add_generation_prompt: bool = False) -> Rendered:
+    """Lay out `messages` ({"role", "content"} with `<image>` in the text) in `fmt`.
+
+    With `add_generation_prompt`, the text ends with the assistant marker, ready
+    for the model to answer; the last message must then be a user turn.
+    """
+    out = _Writer()
+    out.add(fmt.preamble, SYSTEM)
+    system = fmt.default_system
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    if system:
+        out.add(fmt.system_start, SYSTEM)
+        out.add(system, SYSTEM)
+        out.add(fmt.system_end, SYSTEM)
+    for message in messages:
+        content = message["content"]
+        if message["role"] == "user":
+            starts_with_image = content.startswith(IMAGE)
+            start = fmt.user_start_with_image if starts_with_image and fmt.user_start_with_image is not None else fmt.user_start
+            out.add(start, SYSTEM)
+            _write_content(out, fmt, content, INSTRUCTION)
+            out.add(fmt.user_end, SYSTEM)
+        elif message["role"] == "assistant":
+            out.add(fmt.assistant_start, SYSTEM)
+            # The lead (a space) is the start of the answer the model must generate.
+            out.add(fmt.response_lead, RESPONSE)
+            _write_content(out, fmt, content, RESPONSE)
+            out.add(fmt.response_end, RESPONSE_END)
+            out.add(fmt.turn_end, SYSTEM)
+        else:
+            raise ValueError(f"message role must be user or assistant after an optional system message, got {message['role']!r}")
+    if add_generation_prompt:
+        out.add(fmt.assistant_start, SYSTEM)
+    return out.result()
+
+
+def render_prompt(messages: list[dict], fmt: PromptFormat) -> str:
+    """The text a model is given to generate the next answer."""
+    return render(messages, fmt, add_generation_prompt=True).text
+
+
+PROBE = [
+    {"role": "user", "content": f"{IMAGE}What is in the picture?"},
+    {"role": "assistant", "content": "A red circle."},
+    {"role": "user", "content": "Where is it?"},
+]
+
+
+def _typed(messages: list[dict]) -> list[dict]:
+    """Our messages as the typed-content conversation that HF chat templates take."""
+    typed = []
+    for m in messages:
+        parts = []
+        for piece in _IMAGE_SPLIT.split(m["content"]):
+            if piece == IMAGE:
+                parts.append({"type": "image"})
+            elif piece:
+                parts.append({"type": "text", "text": piece})
+        typed.append({"role": m["role"], "content": parts})
+    return typed
+
+
+def check_processor_template(processor, fmt: PromptFormat) -> str | None:
+    """Compare the processor's own chat template with `fmt` on a probe conversation.
+
+    Returns None when they agree (or the processor has no template), else a
+    message showing both renderings. Whitespace runs are compared as one space,
+    and a leading BOS written by the template is ignored (tokenizers add it).
+    """
+    template = getattr(processor, "chat_template", None)
+    if not template:
+        return None
+    try:
+        theirs = processor.apply_chat_template(_typed(PROBE), add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # a template that can't render our probe is a mismatch too
+        return f"the processor's chat template failed on a probe conversation: {exc}"
+    ours = render_prompt(PROBE, fmt)
+    bos = getattr(getattr(processor, "tokenizer", processor), "bos_token", None)
+    if bos and theirs.startswith(bos) and not ours.startswith(bos):
+        theirs = theirs[len(bos):]
+
+    def norm(s: str) -> str:
+        return " ".join(s.split())
+
+    if norm(theirs) == norm(ours):
+        return None
+    return (
+        f"the processor's chat template does not match prompt format '{fmt.name}':\n"
+        f"  template renders: {theirs!r}\n"
+        f"  format renders:   {ours!r}\n"
+        "Training with a mismatched format would put the loss mask on the wrong tokens. "
+        "Fix model.prompt_format, or set model.check_chat_template=false if you are sure."
+    )
+
+
+def to_jinja(fmt: PromptFormat) -> str:
+    """`fmt` as a Hugging Face chat template, for exported models and the built-in tiny model.
+
+    It takes the typed-content conversations that `processor.apply_chat_template`
+    takes (and plain string content) and renders what `render` renders.
+    """
+    import json
+
+    def lit(s: str | None) -> str:
+        return "none" if s is None else json.dumps(s)
+
+    return (
+        "{{- " + lit(fmt.preamble) + " -}}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set sys = messages[0]['content'] if messages[0]['content'] is string else messages[0]['content'][0]['text'] -%}"
+        "{%- set rest = messages[1:] -%}"
+        "{%- else -%}{%- set sys = " + lit(fmt.default_system) + " -%}{%- set rest = messages -%}{%- endif -%}"
+        "{%- if sys -%}{{- " + lit(fmt.system_start) + " + sys + " + lit(fmt.system_end) + " -}}{%- endif -%}"
+        "{%- for m in rest -%}"
+        "{%- if m['content'] is string -%}{%- set parts = [{'type': 'text', 'text': m['content']}] -%}"
+        "{%- else -%}{%- set parts = m['content'] -%}{%- endif -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{%- if " + lit(fmt.user_start_with_image) + " is not none and parts and parts[0]['type'] == 'image' -%}"
+        "{{- " + lit(fmt.user_start_with_image) + " -}}{%- else -%}{{- " + lit(fmt.user_start) + " -}}{%- endif -%}"
+        "{%- for p in parts -%}{%- if p['type'] == 'image' -%}{{- " + lit(fmt.image_placeholder + fmt.image_separator) + " -}}"
+        "{%- else -%}{{- p['text'] -}}{%- endif -%}{%- endfor -%}"
+        "{{- " + lit(fmt.user_end) + " -}}"
+        "{%- else -%}"
+        "{{- " + lit(fmt.assistant_start + fmt.response_lead) + " -}}"
+        "{%- for p in parts -%}{{- p['text'] -}}{%- endfor -%}"
+        "{{- " + lit(fmt.response_end + fmt.turn_end) + " -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- " + lit(fmt.assistant_start) + " -}}{%- endif -%}"
+    )

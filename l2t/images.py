@@ -1,0 +1,146 @@
+"""Images referenced by training data: from a folder or a .zip, read safely.
+
+Paths in data files are relative to an image root. A path that is absolute or
+climbs out of the root (`../../etc/passwd`) is refused, and so is an archive
+with such members, symlinks, or a suspicious total size (a zip bomb). Archives
+are read in place: nothing is extracted to disk. Images are checked against a
+pixel limit before they are decoded, and converted to RGB (grayscale, CMYK,
+palette and RGBA images all work).
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from PIL import Image, UnidentifiedImageError
+
+MAX_ARCHIVE_MEMBERS = 2_000_000
+MAX_ARCHIVE_BYTES = 64 * 1024**3
+
+
+class ImageError(Exception):
+    """An image that can't be used; `code` is a reason code, str() a sentence."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def safe_relative(path: str) -> PurePosixPath:
+    """The path as a clean relative POSIX path, or ImageError if it could escape the root."""
+    if not isinstance(path, str) or not path.strip():
+        raise ImageError("image_path_unsafe", f"image path must be a non-empty string, got {path!r}")
+    p = path.replace("\\", "/")
+    pure = PurePosixPath(p)
+    if pure.is_absolute() or (len(p) > 1 and p[1] == ":"):
+        raise ImageError("image_path_unsafe", f"image path '{path}' is absolute; paths must be relative to the image folder")
+    if any(part == ".." for part in pure.parts):
+        raise ImageError("image_path_unsafe", f"image path '{path}' leaves the image folder ('..')")
+    return PurePosixPath(*[part for part in pure.parts if part not in ("", ".")])
+
+
+def check_archive(archive: zipfile.ZipFile, name: str) -> None:
+    """Refuse archives whose members could write or read outside their root, or are bombs."""
+    infos = archive.infolist()
+    if len(infos) > MAX_ARCHIVE_MEMBERS:
+        raise ImageError("archive_too_large", f"{name}: {len(infos)} members, more than the limit of {MAX_ARCHIVE_MEMBERS}")
+    total = 0
+    for info in infos:
+        try:
+            safe_relative(info.filename)
+        except ImageError:
+            raise ImageError("archive_unsafe_member", f"{name}: member '{info.filename}' has an absolute path or '..'; archive refused") from None
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise ImageError("archive_unsafe_member", f"{name}: member '{info.filename}' is a symbolic link; archive refused")
+        total += info.file_size
+    if total > MAX_ARCHIVE_BYTES:
+        raise ImageError(
+            "archive_too_large",
+            f"{name}: members would unpack to {total / 1024**3:.1f} GiB, more than the limit of {MAX_ARCHIVE_BYTES / 1024**3:.0f} GiB",
+        )
+
+
+class ImageSource:
+    """Images under a folder, or inside a .zip archive, by relative path."""
+
+    def __init__(self, root: str | Path, max_pixels: int = 50_000_000):
+        self.root = Path(root)
+        self.max_pixels = max_pixels
+        self._zip: zipfile.ZipFile | None = None
+        self._members: dict[str, zipfile.ZipInfo] = {}
+        if self.root.is_file():
+            try:
+                self._zip = zipfile.ZipFile(self.root)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise ImageError("archive_corrupt", f"{self.root}: not a readable .zip archive ({exc})") from None
+            check_archive(self._zip, str(self.root))
+            self._members = {str(safe_relative(i.filename)): i for i in self._zip.infolist() if not i.is_dir()}
+        elif not self.root.is_dir():
+            raise ImageError("image_root_missing", f"image folder or archive '{self.root}' does not exist")
+
+    def __repr__(self) -> str:
+        return f"ImageSource({str(self.root)!r})"
+
+    def _read(self, rel: PurePosixPath, original: str) -> bytes:
+        if self._zip is not None:
+            info = self._members.get(str(rel))
+            if info is None:
+                raise ImageError("image_missing", f"image '{original}' is not in archive {self.root.name}")
+            if info.file_size == 0:
+                raise ImageError("image_unreadable", f"image '{original}' is an empty file")
+            try:
+                return self._zip.read(info)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise ImageError("image_unreadable", f"image '{original}' could not be read from the archive ({exc})") from None
+        path = self.root / rel
+        try:
+            resolved = path.resolve()
+            resolved.relative_to(self.root.resolve())
+        except ValueError:
+            raise ImageError("image_path_unsafe", f"image path '{original}' resolves outside the image folder") from None
+        if not path.is_file():
+            raise ImageError("image_missing", f"image file '{original}' not found under {self.root}")
+        data = path.read_bytes()
+        if not data:
+            raise ImageError("image_unreadable", f"image '{original}' is an empty file")
+        return data
+
+    def _decode(self, path: str, verify: bool) -> Image.Image:
+        rel = safe_relative(path)
+        data = self._read(rel, path)
+        try:
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > self.max_pixels:
+                raise ImageError(
+                    "image_too_large",
+                    f"image '{path}' is {width}x{height} = {width * height:,} pixels, over the limit of {self.max_pixels:,}",
+                )
+            if verify:
+                img.verify()  # checks structure and truncation without a full decode
+                img = Image.open(io.BytesIO(data))
+            return img
+        except ImageError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageError("image_unreadable", f"image '{path}' is not a readable image ({type(exc).__name__}: {exc})") from None
+
+    def size(self, path: str) -> tuple[int, int]:
+        """(width, height), after checking that the file is a readable image within the limit."""
+        return self._decode(path, verify=True).size
+
+    def open(self, path: str) -> Image.Image:
+        """The image decoded and converted to RGB."""
+        img = self._decode(path, verify=False)
+        try:
+            if img.mode in ("RGBA", "LA", "P", "PA"):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)
+            return img.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise ImageError("image_unreadable", f"image '{path}' could not be decoded ({exc})") from None

@@ -1,0 +1,213 @@
+"""Tokens with a role each, and the L2T labels read off those roles.
+
+The rendered conversation (`l2t.chat`) is expanded the way the model's
+processor expands images (each image placeholder becomes that processor's run
+of image tokens), tokenized once — never piece by piece, since BPE merges
+across piece boundaries — and every token takes the role of the characters it
+covers (the first non-space one: a token like " Answer" belongs to the word).
+Task-template sentences (`l2t.templates`) inside user turns get their own role.
+
+Loss modes, as sets of roles in the loss:
+
+    response                 response + response end       (standard visual instruction tuning)
+    l2t                      + instruction                 (default: minus system and task templates)
+    l2t_keep_task_templates  + instruction + task template (minus system templates only)
+    l2t_full                 every token but image and padding (a.k.a. train_on_prompt)
+
+Labels are the input ids where a token is in the loss and -100 elsewhere; the
+model shifts them itself. Weights carry `loss.instruction_weight` on prompt-side
+tokens (instruction, task template, and system in l2t_full) and
+`loss.response_weight` on response tokens; `l2t.train` divides the weighted sum
+of token losses by the number of tokens in the loss, so with both weights at 1
+the loss is the usual mean over labelled tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+from PIL import Image
+
+from l2t import chat
+from l2t.templates import template_spans
+
+IGNORE = -100
+
+
+class Role(IntEnum):
+    PAD = 0
+    SYSTEM = 1
+    IMAGE = 2
+    TASK_TEMPLATE = 3
+    INSTRUCTION = 4
+    RESPONSE = 5
+    RESPONSE_END = 6
+
+
+SPAN_ROLES = {
+    chat.SYSTEM: Role.SYSTEM,
+    chat.IMAGE_ROLE: Role.IMAGE,
+    chat.INSTRUCTION: Role.INSTRUCTION,
+    chat.RESPONSE: Role.RESPONSE,
+    chat.RESPONSE_END: Role.RESPONSE_END,
+}
+
+LOSS_ROLES = {
+    "response": (Role.RESPONSE, Role.RESPONSE_END),
+    "l2t": (Role.INSTRUCTION, Role.RESPONSE, Role.RESPONSE_END),
+    "l2t_keep_task_templates": (Role.INSTRUCTION, Role.TASK_TEMPLATE, Role.RESPONSE, Role.RESPONSE_END),
+    "l2t_full": (Role.SYSTEM, Role.INSTRUCTION, Role.TASK_TEMPLATE, Role.RESPONSE, Role.RESPONSE_END),
+}
+RESPONSE_ROLES = (Role.RESPONSE, Role.RESPONSE_END)
+PROMPT_ROLES = (Role.SYSTEM, Role.INSTRUCTION, Role.TASK_TEMPLATE)
+
+
+@dataclass
+class Encoded:
+    input_ids: np.ndarray
+    roles: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _char_roles(rendered: chat.Rendered, image_replacements: list[str], task_templates: frozenset[str]) -> tuple[str, np.ndarray, str]:
+    """The expanded text and one role per character."""
+    pieces: list[str] = []
+    roles: list[np.ndarray] = []
+    image_index = 0
+    for start, end, name in rendered.spans:
+        text = rendered.text[start:end]
+        role = SPAN_ROLES[name]
+        if role == Role.IMAGE and image_replacements:
+            text = image_replacements[image_index]
+            image_index += 1
+        piece_roles = np.full(len(text), role, dtype=np.int8)
+        if role == Role.INSTRUCTION and task_templates:
+            for s, e in template_spans(text, task_templates):
+                piece_roles[s:e] = Role.TASK_TEMPLATE
+        pieces.append(text)
+        roles.append(piece_roles)
+    return "".join(pieces), (np.concatenate(roles) if roles else np.zeros(0, np.int8)), rendered.text
+
+
+def token_roles(text: str, char_roles: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Role of each token: that of its first non-space character (or its first character)."""
+    n = len(text)
+    if len(offsets) == 0:
+        return np.zeros(0, np.int8)
+    is_space = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    is_space = np.isin(is_space, [9, 10, 11, 12, 13, 32]) if n else np.zeros(0, bool)
+    # next_non_space[i] = first j >= i that is not whitespace (n if none)
+    positions = np.where(~is_space, np.arange(n), n)
+    next_non_space = np.minimum.accumulate(positions[::-1])[::-1] if n else positions
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    empty = ends <= starts
+    safe_starts = np.minimum(starts, max(n - 1, 0))
+    first = next_non_space[safe_starts] if n else safe_starts
+    pick = np.where(first < ends, first, safe_starts)
+    result = char_roles[pick] if n else np.full(len(offsets), Role.SYSTEM, np.int8)
+    return np.where(empty, np.int8(Role.SYSTEM), result).astype(np.int8)
+
+
+class Encoder:
+    """Turns messages (+ image sizes) into token ids and roles for one model's processor."""
+
+    def __init__(self, processor, fmt: chat.PromptFormat, task_templates=()):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.fmt = fmt
+        self.task_templates = frozenset(task_templates)
+        self._replacements: dict = {}
+        image_processor = getattr(processor, "image_processor", None)
+        name = type(processor).__name__
+        # Where the run of image tokens doesn't depend on the image size, one probe serves all.
+        self._size_free = name == "LlavaProcessor" or (
+            name == "Idefics3Processor" and not getattr(image_processor, "do_image_splitting", False)
+        )
+
+    def image_replacement(self, size: tuple[int, int]) -> str:
+        """The text the processor puts in place of one image of this (width, height)."""
+        key = None if self._size_free else tuple(size)
+        if key not in self._replacements:
+            probe = Image.new("RGB", tuple(size), (128, 128, 128))
+            out = self.processor(
+                text=[self.processor.image_token], images=[probe], return_text_replacement_offsets=True
+            )
+            self._replacements[key] = out["text_replacement_offsets"][0][0]["replacement"]
+        return self._replacements[key]
+
+    def _expanded_placeholder(self, size: tuple[int, int]) -> str:
+        # The format's placeholder contains the processor's image token (e.g. Qwen's vision start/pad/end).
+        return self.fmt.image_placeholder.replace(self.processor.image_token, self.image_replacement(size), 1)
+
+    def encode(self, messages: list[dict], image_sizes: list[tuple[int, int]] = (), add_generation_prompt: bool = False) -> Encoded:
+        rendered = chat.render(messages, self.fmt, add_generation_prompt=add_generation_prompt)
+        if len(rendered.image_spans) != len(image_sizes):
+            raise ValueError(f"{len(rendered.image_spans)} image placeholder(s) but {len(image_sizes)} image(s)")
+        replacements = [self._expanded_placeholder(size) for size in image_sizes]
+        text, char_roles, _ = _char_roles(rendered, replacements, self.task_templates)
+        enc = self.tokenizer(text, return_offsets_mapping=True)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        roles = token_roles(text, char_roles, offsets)
+        return Encoded(np.asarray(enc["input_ids"], dtype=np.int64), roles)
+
+
+def labels_and_weights(encoded: Encoded, mode: str, instruction_weight: float = 1.0, response_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (-100 outside the loss) and per-token loss weights for a loss mode."""
+    if mode not in LOSS_ROLES:
+        raise ValueError(f"unknown loss mode {mode!r}; choose one of {', '.join(LOSS_ROLES)}")
+    roles = encoded.roles
+    weights = np.where(np.isin(roles, RESPONSE_ROLES), response_weight, instruction_weight).astype(np.float32)
+    weights *= np.isin(roles, LOSS_ROLES[mode])
+    labels = np.where(weights > 0, encoded.input_ids, IGNORE)
+    return labels, weights
+
+
+def preview_tokens(encoded: Encoded, tokenizer, mode: str) -> list[tuple[str, str, bool]]:
+    """(token text, role name, in the loss) per token: what the UI colours and the CLI prints."""
+    labels, _ = labels_and_weights(encoded, mode)
+    texts = [tokenizer.decode([int(t)]) for t in encoded.input_ids]
+    return [(text, Role(int(r)).name.lower(), bool(lab != IGNORE)) for text, r, lab in zip(texts, encoded.roles, labels)]
+
+
+def format_preview(tokens: list[tuple[str, str, bool]]) -> str:
+    """Runs of tokens with the same role and loss flag, one per line (image runs collapsed)."""
+    lines = []
+    run: list[str] = []
+    key = None
+    for text, role, in_loss in tokens + [("", "", None)]:
+        if (role, in_loss) != key and run:
+            shown = f"{run[0]} x{len(run)}" if key[0] == "image" else "".join(run)
+            mark = "LOSS" if key[1] else "    "
+            lines.append(f"{mark}  {key[0]:<13} {shown!r}")
+            run = []
+        key = (role, in_loss)
+        run.append(text)
+    return "\n".join(lines)
+
+
+def preview_sample(samples, index: int, preset: str = "tiny", mode: str | None = None) -> str:
+    """The `python -m l2t.data preview` text for one sample."""
+    from l2t.config import load_config
+    from l2t.models import load_processor
+    from l2t.templates import mine_templates
+
+    config = load_config(preset)
+    if not 0 <= index < len(samples):
+        raise IndexError(f"--index {index} is out of range: the file has {len(samples)} usable samples")
+    mode = mode or config.loss.mode
+    processor = load_processor(config.model)
+    t = config.templates
+    mined = mine_templates([s.instructions() for s in samples], t.min_fraction, t.min_count, t.top_k, t.min_words)
+    encoder = Encoder(processor, chat.FORMATS[config.model.prompt_format], [m.sentence for m in mined])
+    sample = samples[index]
+    encoded = encoder.encode(sample.messages, sample.image_sizes)
+    labels, _ = labels_and_weights(encoded, mode)
+    header = (
+        f"sample {sample.id}: {len(encoded)} tokens, {int((labels != IGNORE).sum())} in the loss "
+        f"(mode {mode}, preset {preset}, {len(mined)} task templates)"
+    )
+    return header + "\n" + format_preview(preview_tokens(encoded, encoder.tokenizer, mode))

@@ -1,0 +1,189 @@
+"""Loading a VLM for QLoRA training (or inference) from a preset's model section.
+
+The language model is quantised (4-bit NF4 with double quantisation by default,
+or 8-bit, or not at all); the vision tower and projector are kept out of
+quantisation by full module-name prefixes (`model.skip_modules`), since
+bitsandbytes matches prefixes and suffixes, not bare names. LoRA adapters go on
+the language-model Linears matched by `model.lora_target`; the projector is
+trained in full through peft's `modules_to_save`, so it is saved inside the
+adapter and `PeftModel.from_pretrained` restores it.
+
+We don't call `prepare_model_for_kbit_training`: it upcasts every non-4-bit
+weight (vision tower, projector, embeddings) to fp32. Frozen weights stay in
+the compute dtype; only trainable weights are fp32.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from l2t import chat
+from l2t.config import Config, LoraConfig, ModelConfig
+
+BUILTIN = {"builtin:tiny"}
+
+
+class ModelError(RuntimeError):
+    """A model that can't be loaded as configured; the message says what to change."""
+
+
+def source(model: ModelConfig) -> str:
+    """Hub id or folder to load from (the built-in tiny model is built on first use)."""
+    if model.hub_id == "builtin:tiny":
+        from l2t import tiny
+
+        return str(tiny.ensure_built())
+    return model.hub_id
+
+
+def compute_dtype(model: ModelConfig, device: str | None = None) -> torch.dtype:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model.dtype == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[model.dtype]
+
+
+def load_processor(model: ModelConfig):
+    """The model's processor with the preset's overrides, checked against our prompt format."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(source(model), trust_remote_code=model.trust_remote_code)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot load the processor of '{model.hub_id}': {exc}\n"
+            "Check the hub id or local folder (model.hub_id), and that it is downloaded if you are offline."
+        ) from None
+    for key, value in model.processor_overrides.items():
+        target = processor
+        if key.startswith("image_processor."):
+            target, key = processor.image_processor, key.split(".", 1)[1]
+        setattr(target, key, value)
+    if model.image_max_pixels:
+        image_processor = processor.image_processor
+        if hasattr(image_processor, "max_pixels"):
+            image_processor.max_pixels = model.image_max_pixels
+        size = getattr(image_processor, "size", None)
+        if isinstance(size, dict) and "longest_edge" in size and "shortest_edge" in size:
+            image_processor.size = {**size, "longest_edge": model.image_max_pixels}
+    if model.check_chat_template:
+        problem = chat.check_processor_template(processor, chat.FORMATS[model.prompt_format])
+        if problem:
+            raise ModelError(f"{model.hub_id}: {problem}")
+    return processor
+
+
+def quantization_config(model: ModelConfig, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    # A non-empty skip list replaces bitsandbytes' default protection of lm_head: keep it.
+    skip = list(dict.fromkeys([*model.skip_modules, "lm_head"]))
+    if model.quant == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+            llm_int8_skip_modules=skip,
+        )
+    if model.quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return None
+
+
+def load_base_model(model: ModelConfig, quant: str | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+    """The base model, quantised as `quant` (default: the preset's), on `device`."""
+    import transformers
+
+    quant = quant or model.quant
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or compute_dtype(model, device)
+    cls = getattr(transformers, model.model_class)
+    spec = ModelConfig(**{**model.__dict__, "quant": quant})
+    kwargs = dict(
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=model.trust_remote_code,
+        attn_implementation="sdpa",
+    )
+    qconfig = quantization_config(spec, dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+    try:
+        base = cls.from_pretrained(source(model), **kwargs)
+    except ImportError as exc:
+        raise ModelError(f"{quant} quantisation needs bitsandbytes with a backend for this machine ({exc}). Set model.quant=none to train plain LoRA.") from None
+    except (RuntimeError, ValueError) as exc:
+        if "bitsandbytes" in str(exc) or "quantiz" in str(exc).lower():
+            raise ModelError(f"{quant} quantisation is not available here: {exc}\nSet model.quant=none to train plain LoRA.") from None
+        raise
+    except OSError as exc:
+        raise ModelError(f"cannot load model weights of '{model.hub_id}': {exc}") from None
+    if qconfig is None:
+        base.to(device)
+    return base
+
+
+def lora_target_names(base, pattern: str) -> list[str]:
+    regex = re.compile(pattern)
+    return [name for name, module in base.named_modules() if regex.fullmatch(name) and _is_linear(module)]
+
+
+def _is_linear(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def add_lora(base, model: ModelConfig, lora: LoraConfig):
+    """Wrap `base` in a peft model with LoRA on the language model and a trainable projector."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora_target_names(base, model.lora_target)
+    if not targets:
+        raise ModelError(f"model.lora_target={model.lora_target!r} matches no Linear layer of {model.model_class}")
+    modules_to_save = []
+    if model.train_projector:
+        modules_to_save += model.projector_modules
+    if model.train_vision:
+        modules_to_save += model.vision_modules
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        modules_to_save=modules_to_save or None,
+        task_type=None,
+    )
+    for param in base.parameters():
+        param.requires_grad_(False)
+    peft_model = get_peft_model(base, peft_config)
+    # Trainable weights in fp32 (stable optimiser state); frozen ones stay in the compute dtype.
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model
+
+
+def load_for_training(config: Config, device: str | None = None):
+    processor = load_processor(config.model)
+    base = load_base_model(config.model, device=device)
+    return add_lora(base, config.model, config.lora), processor
+
+
+def load_with_adapter(config: Config, adapter_dir, quant: str | None = None, device: str | None = None, dtype=None):
+    """Base model (quantised as in training unless `quant` says otherwise) + a saved adapter."""
+    from peft import PeftModel
+
+    base = load_base_model(config.model, quant=quant, device=device, dtype=dtype)
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the adapter in {adapter_dir}: {exc}") from None

@@ -1,0 +1,501 @@
+"""The training recipe: config -> data -> model -> trainer -> run folder.
+
+    python -m l2t.train --preset tiny                      # offline, bundled synthetic data
+    python -m l2t.train --preset tinyllava --data my.json --images my_images.zip
+    python -m l2t.train --preset tiny loss.mode=response train.max_steps=50
+    python -m l2t.train --preset tiny --output runs/demo --resume
+    torchrun --nproc_per_node 2 -m l2t.train --preset tiny   # several GPUs (or CPU processes)
+
+Everything before the weights load is checked first: the config, the data
+(report printed and saved), the image-token budget of every sample, the mined
+task templates. The Hugging Face `Trainer` runs the loop; `L2TTrainer` only
+changes the loss (per-token weights, normalised by the number of tokens in the
+loss across the accumulated batch and all processes) and logs the response and
+instruction losses separately: the response loss is comparable across loss
+modes, the total is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from l2t import chat, runs
+from l2t.batch import Collator, TrainingSet, encode_samples
+from l2t.config import Config, ConfigError, load_config, save_config
+from l2t.data import DataError, DataReport, Sample, check_lengths, load_samples
+from l2t.images import ImageError, ImageSource
+from l2t.masking import Encoder
+from l2t.models import ModelError, load_for_training
+from l2t.templates import TaskTemplate, apply_edits, mine_templates, save_templates
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(message: str) -> None:
+    if is_main_process():
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class PreparedData:
+    train: list[Sample]
+    held_out: list[Sample]
+    images: ImageSource | None
+    report: DataReport
+    templates: list[TaskTemplate]
+
+
+def data_paths(config: Config) -> tuple[Path, Path | None, Path | None]:
+    """(training file, image root, held-out file or None). The tiny preset defaults to the bundled set."""
+    if config.data.path:
+        path = Path(config.data.path)
+        return path, Path(config.data.images) if config.data.images else None, None
+    if config.preset == "tiny":
+        from l2t.synthetic import bundled_dir
+
+        root = bundled_dir()
+        return root / "train.json", root, root / "test.json"
+    raise ConfigError("data.path is empty: give your training data with --data FILE (LLaVA or messages JSON/JSONL)")
+
+
+def split_held_out(samples: list[Sample], fraction: float, limit: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    import random
+
+    count = min(limit, int(round(len(samples) * fraction)))
+    if count == 0 or len(samples) - count < 1:
+        return samples, []
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+def prepare_data(config: Config) -> PreparedData:
+    path, image_root, held_out_path = data_paths(config)
+    samples, report = load_samples(path, image_root, strict=config.data.strict, max_pixels=config.data.max_image_pixels)
+    say(report.summary())
+    images = ImageSource(image_root or path.parent, max_pixels=config.data.max_image_pixels) if any(s.images for s in samples) else None
+    if held_out_path is not None:
+        train, _ = samples, None
+        held_out, _ = load_samples(held_out_path, image_root, max_pixels=config.data.max_image_pixels)
+    else:
+        train, held_out = split_held_out(samples, config.train.eval_fraction, config.train.eval_max_samples, config.train.seed)
+    t = config.templates
+    mined = mine_templates([s.instructions() for s in train], t.min_fraction, t.min_count, t.top_k, t.min_words)
+    templates = apply_edits(mined, t.add, t.remove)
+    return PreparedData(train, held_out, images, report, templates)
+
+
+def print_templates(templates: list[TaskTemplate], mode: str) -> None:
+    used = "kept out of the instruction loss" if mode == "l2t" else f"not used by loss mode {mode}"
+    say(f"task templates ({len(templates)}, {used}):")
+    for t in templates:
+        say(f"  {t.count:>7}  {t.fraction:6.1%}  {t.sentence}")
+
+
+# ---------------------------------------------------------------- trainer
+
+
+class L2TTrainer(Trainer):
+    """HF Trainer with the per-token weighted L2T loss and split loss logging."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, lengths: list[int] | None = None, group_by_length: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lengths = lengths
+        self._group_by_length = group_by_length
+        self._parts = torch.zeros(6, dtype=torch.float64)  # resp sum, resp n, instr sum, instr n, tokens, samples
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self._group_by_length and self._lengths:
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=self._lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        weights = inputs.pop("loss_weights")
+        kinds = inputs.pop("loss_kinds")
+        outputs = model(**inputs)
+        logits = outputs.logits[:, :-1, :]
+        targets = labels[:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+        ).view_as(targets)
+        weighted = (token_loss * weights[:, 1:]).sum()
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        loss = weighted / count
+        if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it for a global token mean
+        with torch.no_grad():
+            kinds = kinds[:, 1:]
+            detached = token_loss.detach().double()
+            self._parts += torch.stack([
+                (detached * (kinds == 2)).sum(), (kinds == 2).sum().double(),
+                (detached * (kinds == 1)).sum(), (kinds == 1).sum().double(),
+                inputs["attention_mask"].sum().double(), torch.tensor(float(labels.shape[0]), dtype=torch.float64),
+            ]).cpu()  # fmt: skip
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            parts = self._parts.to(self.args.device)
+            if self.args.world_size > 1:
+                parts = self.accelerator.reduce(parts, reduction="sum")
+            parts = parts.cpu()
+            if parts[1] > 0:
+                logs["response_loss"] = round(float(parts[0] / parts[1]), 6)
+            if parts[3] > 0:
+                logs["instruction_loss"] = round(float(parts[2] / parts[3]), 6)
+            logs["tokens"] = int(parts[4])
+            logs["samples"] = int(parts[5])
+            self._parts.zero_()
+        super().log(logs, *args, **kwargs)
+
+
+class RunFolderCallback(TrainerCallback):
+    """metrics.jsonl (one line per logging step) and status.json, written by the main process."""
+
+    def __init__(self, run_dir: Path, device: str):
+        self.run_dir = run_dir
+        self.device = device
+        self.last_time = time.time()
+        self.started = time.time()
+
+    def status(self, state: str, **extra) -> None:
+        if is_main_process():
+            runs.atomic_write_json(self.run_dir / runs.STATUS, {"state": state, "pid": os.getpid(), "updated": time.time(), **extra})
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_time = time.time()
+        self.status("running", step=state.global_step, total=state.max_steps, started=self.started)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.time()
+        elapsed = max(now - self.last_time, 1e-9)
+        self.last_time = now
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for key in ("loss", "response_loss", "instruction_loss", "learning_rate", "grad_norm"):
+            if key in logs:
+                row[key] = logs[key]
+        row["samples_per_s"] = round(logs.get("samples", 0) / elapsed, 3)
+        row["tokens_per_s"] = round(logs.get("tokens", 0) / elapsed, 1)
+        if self.device == "cuda":
+            row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+        row["time"] = round(now, 3)
+        with open(self.run_dir / runs.METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        remaining = (state.max_steps - state.global_step) * (now - self.started) / max(state.global_step, 1)
+        self.status("running", step=state.global_step, total=state.max_steps, started=self.started, eta_s=round(remaining, 1))
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM/SIGINT ends the run cleanly: save a checkpoint at the end of this step, then stop."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+# ---------------------------------------------------------------- run folder
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric rows after `step` (they will be logged again when the run resumes)."""
+    rows = [r for r in runs.read_metrics(run_dir) if r.get("step", 0) <= step]
+    runs.atomic_write_text(run_dir / runs.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def open_run_dir(config: Config, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    run_dir = config.run_dir()
+    checkpoint = None
+    if resume:
+        if not (run_dir / runs.CONFIG).exists():
+            raise ConfigError(f"--resume: {run_dir} holds no run to resume (no {runs.CONFIG})")
+        checkpoint = last_checkpoint(run_dir)
+        if checkpoint is None:
+            say(f"--resume: no checkpoint in {run_dir} yet; starting from the beginning")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{run_dir} already holds files; pass --resume to continue that run or --overwrite to replace it")
+        if is_main_process():
+            shutil.rmtree(run_dir)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"output folder {run_dir} is not writable: {exc.strerror}") from None
+    return run_dir, checkpoint
+
+
+def save_held_out(path: Path, samples: list[Sample]) -> None:
+    records = [{"id": s.id, "messages": s.messages, "images": s.images, **s.meta} for s in samples]
+    runs.atomic_write_json(path, records)
+
+
+def plot_losses(run_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = runs.read_metrics(run_dir)
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for key, label in (("response_loss", "response"), ("instruction_loss", "instruction")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=f"{label} loss")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = run_dir / ".loss.png.tmp"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, run_dir / runs.LOSS_PLOT)
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run the whole recipe; returns the run folder."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        say("warning: no GPU found; training on the CPU (fine for the tiny preset, slow for real models)")
+    run_dir, checkpoint = open_run_dir(config, resume, overwrite)
+
+    # Data first: everything that can be wrong with it shows before any weights load.
+    data = prepare_data(config)
+    fmt = chat.FORMATS[config.model.prompt_format]
+    print_templates(data.templates, config.loss.mode)
+    from l2t.models import load_processor
+
+    processor = load_processor(config.model)
+    encoder = Encoder(processor, fmt, [t.sentence for t in data.templates] if config.loss.mode == "l2t" else ())
+    lo = config.loss
+    examples = encode_samples(data.train, encoder, lo.mode, lo.instruction_weight, lo.response_weight)
+    too_long = check_lengths({e.sample.id: len(e.input_ids) for e in examples}, config.train.max_length, data.report)
+    if too_long:
+        say(f"{len(too_long)} sample(s) exceed train.max_length={config.train.max_length} with their image tokens and are skipped")
+        if config.data.strict:
+            raise DataError(f"{len(too_long)} sample(s) longer than train.max_length (strict mode)\n" + data.report.summary(), data.report)
+        examples = [e for e in examples if e.sample.id not in too_long]
+    examples = [e for e in examples if (e.labels != -100).sum() > 1]
+    if not examples:
+        raise DataError("no sample is left to train on after the checks above\n" + data.report.summary(), data.report)
+    if is_main_process():
+        resolved = copy.deepcopy(config)
+        resolved.output = str(run_dir)
+        path, image_root, _ = data_paths(config)
+        resolved.data.path = str(path.resolve())
+        resolved.data.images = str((image_root or path.parent).resolve())
+        save_config(resolved, run_dir / runs.CONFIG)
+        settings = {k: v for k, v in config.templates.__dict__.items()}
+        save_templates(run_dir / runs.TEMPLATES, data.templates, settings)
+        runs.atomic_write_json(run_dir / runs.DATA_REPORT, data.report.to_dict())
+        save_held_out(run_dir / runs.HELD_OUT, data.held_out)
+        if checkpoint is not None:
+            state = json.loads((checkpoint / "trainer_state.json").read_text())
+            trim_metrics(run_dir, state["global_step"])
+        elif not resume:
+            (run_dir / runs.METRICS).unlink(missing_ok=True)
+
+    model, processor = load_for_training(config, device=device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    say(f"model: {config.model.hub_id} ({config.model.quant}), trainable parameters {trainable:,} of {total:,}")
+    t = config.train
+    bf16 = device == "cuda" and next(p for p in model.parameters() if p.dtype.is_floating_point and not p.requires_grad).dtype == torch.bfloat16
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        remove_unused_columns=False,
+        dataloader_pin_memory=device == "cuda",
+        use_cpu=device == "cpu",
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not is_main_process(),
+    )
+    dataset = TrainingSet(examples, data.images, processor)
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else processor.tokenizer.eos_token_id
+    folder_callback = RunFolderCallback(run_dir, device)
+    trainer = L2TTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=Collator(pad_id),
+        callbacks=[folder_callback, StopOnSignal()],
+        lengths=dataset.lengths,
+        group_by_length=t.group_by_length,
+    )
+    say(f"training {len(examples)} samples, loss mode {lo.mode}; run folder {run_dir}")
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.cuda.OutOfMemoryError:
+        folder_callback.status("failed", error="out of GPU memory")
+        raise ModelError(
+            "out of GPU memory. Lower train.max_length, the image size cap (model.image_max_pixels), "
+            "train.batch_size (raising train.grad_accum to keep the effective batch), or pick a smaller preset. "
+            f"Checkpoints so far are kept in {run_dir / 'checkpoints'}; continue with --resume."
+        ) from None
+    stopped_early = trainer.state.global_step < trainer.state.max_steps
+    if is_main_process():
+        save_adapter(model, run_dir)
+        plot_losses(run_dir)
+    if stopped_early:
+        folder_callback.status("stopped", step=trainer.state.global_step, total=trainer.state.max_steps)
+        say(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps}; continue with --resume")
+        return run_dir
+    if is_main_process() and data.held_out and config.train.preview_samples > 0:
+        preview(model, encoder, data.held_out, data.images, config.train.preview_samples)
+    folder_callback.status("finished", step=trainer.state.global_step, total=trainer.state.max_steps)
+    say(f"done. run folder: {run_dir}  (adapter: {run_dir / runs.ADAPTER})")
+    return run_dir
+
+
+def save_adapter(model, run_dir: Path) -> None:
+    """adapter/ in peft format (loads with PeftModel.from_pretrained), renamed into place whole."""
+    tmp = run_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    final = run_dir / runs.ADAPTER
+    old = run_dir / ".adapter.old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def preview(model, encoder: Encoder, held_out: list[Sample], images: ImageSource | None, count: int) -> None:
+    """Before/after answers on held-out samples, with caption metrics over all of them."""
+    from l2t.evaluate import generate_pairs, prompt_and_reference
+    from l2t.metrics import caption_scores
+
+    chosen = [s for s in held_out if len(s.images) <= 1][:64]
+    prompts, references = [], []
+    for s in chosen:
+        messages, reference = prompt_and_reference(s)
+        try:
+            pictures = [images.open(p) for p in s.images] if s.images else []
+        except ImageError as exc:
+            say(f"preview: skipping sample {s.id}: {exc}")
+            continue
+        prompts.append((messages, pictures))
+        references.append(reference)
+    if not prompts:
+        return
+    before, after = generate_pairs(model, encoder, prompts)
+    say("\nbefore -> after tuning, on held-out samples:")
+    for (messages, _), ref, b, a in list(zip(prompts, references, before, after))[:count]:
+        question = messages[-1]["content"].replace(chat.IMAGE, "").strip().replace("\n", " ")
+        say(f"  Q: {question}\n     reference: {ref}\n     before:    {b}\n     after:     {a}")
+    scores_before = caption_scores(before, [[r] for r in references])
+    scores_after = caption_scores(after, [[r] for r in references])
+    exact_before = sum(b.strip().lower() == r.strip().lower() for b, r in zip(before, references)) / len(references)
+    exact_after = sum(a.strip().lower() == r.strip().lower() for a, r in zip(after, references)) / len(references)
+    say(
+        f"held-out answers ({len(references)}): CIDEr-D {scores_before['cider_d']:.3f} -> {scores_after['cider_d']:.3f}, "
+        f"BLEU-4 {scores_before['bleu4']:.3f} -> {scores_after['bleu4']:.3f}, exact match {exact_before:.1%} -> {exact_after:.1%}"
+    )
+
+
+def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python -m l2t.train",
+        description="Fine-tune a VLM with QLoRA and the L2T loss. Extra key=value arguments override config keys (e.g. loss.mode=response).",
+    )
+    parser.add_argument("--preset", default="tiny", help="presets/<name>.yaml (default: tiny)")
+    parser.add_argument("--data", default=None, help="training data (sets data.path)")
+    parser.add_argument("--images", default=None, help="image folder or .zip (sets data.images)")
+    parser.add_argument("--output", default=None, help="run folder (sets output; default runs/<preset>-<mode>)")
+    parser.add_argument("--config", default=None, help="a YAML file of config keys, applied after the preset")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.learning_rate=1e-4")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.images:
+        overrides.append(f"data.images={json.dumps(args.images)}")
+    if args.output:
+        overrides.append(f"output={json.dumps(args.output)}")
+    return load_config(args.preset, args.config, overrides), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, args = parse_args(argv)
+        train(config, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, DataError, ModelError, ImageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC
+            print(f"error: the disk is full ({exc.filename or ''}); free space and continue with --resume", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
