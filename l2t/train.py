@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from l2t import chat, runs
@@ -215,11 +215,18 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._request)
+        self.previous = {}
 
     def _request(self, signum, frame):
         self.requested = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._request)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -343,6 +350,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         elif not resume:
             (run_dir / runs.METRICS).unlink(missing_ok=True)
 
+    set_seed(config.train.seed)  # LoRA's initial weights come from the global RNG
     model, processor = load_for_training(config, device=device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -365,8 +373,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         seed=t.seed,
         data_seed=t.seed,
         bf16=bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         report_to=[] if t.report_to == "none" else [t.report_to],
         remove_unused_columns=False,
         dataloader_pin_memory=device == "cuda",

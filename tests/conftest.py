@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny model is built once per session, offline, in a temp cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory) -> Path:
+    """A fresh cache folder for the built-in tiny model (L2T_CACHE), shared by the session."""
+    cache = tmp_path_factory.mktemp("l2t-cache")
+    os.environ["L2T_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from l2t.config import load_config
+
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_config):
+    from l2t.models import load_processor
+
+    return load_processor(tiny_config.model)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir() -> Path:
+    from l2t.synthetic import bundled_dir
+
+    return bundled_dir()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_cache) -> Path:
+    """A short tiny-preset training run (L2T mode), shared by evaluate/merge/UI tests."""
+    from l2t.config import load_config
+    from l2t.train import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny-l2t"
+    config = load_config("tiny", overrides=[f"output={run_dir}", "train.max_steps=60", "train.logging_steps=10", "train.preview_samples=2"])
+    train(config)
+    return run_dir
