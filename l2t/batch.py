@@ -37,7 +37,8 @@ def make_example(sample: Sample, encoded: Encoded, mode: str, instruction_weight
 
 
 def encode_samples(samples: list[Sample], encoder: Encoder, mode: str, instruction_weight: float, response_weight: float) -> list[Example]:
-    return [make_example(s, encoder.encode(s.messages, s.image_sizes), mode, instruction_weight, response_weight) for s in samples]
+    encoded = encoder.encode_many([(s.messages, s.image_sizes) for s in samples])
+    return [make_example(s, e, mode, instruction_weight, response_weight) for s, e in zip(samples, encoded)]
 
 
 def process_images(processor, images: list) -> dict[str, torch.Tensor]:

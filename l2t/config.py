@@ -128,6 +128,8 @@ class TrainConfig:
     """Held-out images captioned before/after at the end of training."""
     group_by_length: bool = True
     """Batch samples of similar length together to cut padding."""
+    labelled_logits_only: bool = True
+    """Compute vocabulary logits only at positions that carry a label (same loss, far less memory)."""
     report_to: str = "none"
     """Also log to tensorboard or wandb."""
 

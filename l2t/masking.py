@@ -73,43 +73,45 @@ class Encoded:
         return len(self.input_ids)
 
 
-def _char_roles(rendered: chat.Rendered, image_replacements: list[str], task_templates: frozenset[str]) -> tuple[str, np.ndarray, str]:
+def _char_roles(rendered: chat.Rendered, image_replacements: list[str], task_templates: frozenset[str]) -> tuple[str, np.ndarray]:
     """The expanded text and one role per character."""
     pieces: list[str] = []
-    roles: list[np.ndarray] = []
+    piece_roles: list[int] = []
+    templates: list[tuple[int, int]] = []
     image_index = 0
+    offset = 0
     for start, end, name in rendered.spans:
         text = rendered.text[start:end]
         role = SPAN_ROLES[name]
         if role == Role.IMAGE and image_replacements:
             text = image_replacements[image_index]
             image_index += 1
-        piece_roles = np.full(len(text), role, dtype=np.int8)
         if role == Role.INSTRUCTION and task_templates:
-            for s, e in template_spans(text, task_templates):
-                piece_roles[s:e] = Role.TASK_TEMPLATE
+            templates += [(offset + s, offset + e) for s, e in template_spans(text, task_templates)]
         pieces.append(text)
-        roles.append(piece_roles)
-    return "".join(pieces), (np.concatenate(roles) if roles else np.zeros(0, np.int8)), rendered.text
+        piece_roles.append(role)
+        offset += len(text)
+    roles = np.repeat(np.asarray(piece_roles, dtype=np.int8), [len(p) for p in pieces])
+    for s, e in templates:
+        roles[s:e] = Role.TASK_TEMPLATE
+    return "".join(pieces), roles
 
 
 def token_roles(text: str, char_roles: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Role of each token: that of its first non-space character (or its first character)."""
     n = len(text)
-    if len(offsets) == 0:
-        return np.zeros(0, np.int8)
-    is_space = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    is_space = np.isin(is_space, [9, 10, 11, 12, 13, 32]) if n else np.zeros(0, bool)
+    if len(offsets) == 0 or n == 0:
+        return np.full(len(offsets), Role.SYSTEM, np.int8)
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    is_space = (codes == 32) | ((codes >= 9) & (codes <= 13))
     # next_non_space[i] = first j >= i that is not whitespace (n if none)
-    positions = np.where(~is_space, np.arange(n), n)
-    next_non_space = np.minimum.accumulate(positions[::-1])[::-1] if n else positions
+    positions = np.where(is_space, n, np.arange(n))
+    next_non_space = np.minimum.accumulate(positions[::-1])[::-1]
     starts, ends = offsets[:, 0], offsets[:, 1]
-    empty = ends <= starts
-    safe_starts = np.minimum(starts, max(n - 1, 0))
-    first = next_non_space[safe_starts] if n else safe_starts
+    safe_starts = np.minimum(starts, n - 1)
+    first = next_non_space[safe_starts]
     pick = np.where(first < ends, first, safe_starts)
-    result = char_roles[pick] if n else np.full(len(offsets), Role.SYSTEM, np.int8)
-    return np.where(empty, np.int8(Role.SYSTEM), result).astype(np.int8)
+    return np.where(ends <= starts, np.int8(Role.SYSTEM), char_roles[pick]).astype(np.int8)
 
 
 class Encoder:
@@ -144,15 +146,37 @@ class Encoder:
         return self.fmt.image_placeholder.replace(self.processor.image_token, self.image_replacement(size), 1)
 
     def encode(self, messages: list[dict], image_sizes: list[tuple[int, int]] = (), add_generation_prompt: bool = False) -> Encoded:
-        rendered = chat.render(messages, self.fmt, add_generation_prompt=add_generation_prompt)
-        if len(rendered.image_spans) != len(image_sizes):
-            raise ValueError(f"{len(rendered.image_spans)} image placeholder(s) but {len(image_sizes)} image(s)")
-        replacements = [self._expanded_placeholder(size) for size in image_sizes]
-        text, char_roles, _ = _char_roles(rendered, replacements, self.task_templates)
-        enc = self.tokenizer(text, return_offsets_mapping=True)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-        roles = token_roles(text, char_roles, offsets)
-        return Encoded(np.asarray(enc["input_ids"], dtype=np.int64), roles)
+        return self.encode_many([(messages, image_sizes)], add_generation_prompt)[0]
+
+    def encode_many(self, items: list[tuple[list[dict], list[tuple[int, int]]]], add_generation_prompt: bool = False) -> list[Encoded]:
+        """Encode (messages, image sizes) pairs; one tokenizer call for all of them."""
+        texts, char_roles = [], []
+        for messages, image_sizes in items:
+            rendered = chat.render(messages, self.fmt, add_generation_prompt=add_generation_prompt)
+            if len(rendered.image_spans) != len(image_sizes):
+                raise ValueError(f"{len(rendered.image_spans)} image placeholder(s) but {len(image_sizes)} image(s)")
+            replacements = [self._expanded_placeholder(size) for size in image_sizes]
+            text, roles = _char_roles(rendered, replacements, self.task_templates)
+            texts.append(text)
+            char_roles.append(roles)
+        if not texts:
+            return []
+        batch = self.tokenizer(texts, return_offsets_mapping=True)
+        encoded = []
+        for text, roles, ids, offsets in zip(texts, char_roles, batch["input_ids"], batch["offset_mapping"]):
+            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            encoded.append(Encoded(np.asarray(ids, dtype=np.int64), token_roles(text, roles, offsets)))
+        return encoded
+
+
+def _role_table(roles) -> np.ndarray:
+    table = np.zeros(len(Role), dtype=bool)
+    table[list(roles)] = True
+    return table
+
+
+_IN_LOSS = {mode: _role_table(roles) for mode, roles in LOSS_ROLES.items()}
+_IS_RESPONSE = _role_table(RESPONSE_ROLES)
 
 
 def labels_and_weights(encoded: Encoded, mode: str, instruction_weight: float = 1.0, response_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +184,8 @@ def labels_and_weights(encoded: Encoded, mode: str, instruction_weight: float = 
     if mode not in LOSS_ROLES:
         raise ValueError(f"unknown loss mode {mode!r}; choose one of {', '.join(LOSS_ROLES)}")
     roles = encoded.roles
-    weights = np.where(np.isin(roles, RESPONSE_ROLES), response_weight, instruction_weight).astype(np.float32)
-    weights *= np.isin(roles, LOSS_ROLES[mode])
+    weights = np.where(_IS_RESPONSE[roles], np.float32(response_weight), np.float32(instruction_weight))
+    weights *= _IN_LOSS[mode][roles]
     labels = np.where(weights > 0, encoded.input_ids, IGNORE)
     return labels, weights
 
@@ -170,7 +194,7 @@ def preview_tokens(encoded: Encoded, tokenizer, mode: str) -> list[tuple[str, st
     """(token text, role name, in the loss) per token: what the UI colours and the CLI prints."""
     labels, _ = labels_and_weights(encoded, mode)
     texts = [tokenizer.decode([int(t)]) for t in encoded.input_ids]
-    return [(text, Role(int(r)).name.lower(), bool(lab != IGNORE)) for text, r, lab in zip(texts, encoded.roles, labels)]
+    return [(text, Role(int(r)).name.lower(), bool(lab != IGNORE)) for text, r, lab in zip(texts, encoded.roles, labels, strict=True)]
 
 
 def format_preview(tokens: list[tuple[str, str, bool]]) -> str:
@@ -193,7 +217,7 @@ def preview_sample(samples, index: int, preset: str = "tiny", mode: str | None =
     """The `python -m l2t.data preview` text for one sample."""
     from l2t.config import load_config
     from l2t.models import load_processor
-    from l2t.templates import mine_templates
+    from l2t.templates import apply_edits, mine_templates
 
     config = load_config(preset)
     if not 0 <= index < len(samples):
@@ -201,7 +225,8 @@ def preview_sample(samples, index: int, preset: str = "tiny", mode: str | None =
     mode = mode or config.loss.mode
     processor = load_processor(config.model)
     t = config.templates
-    mined = mine_templates([s.instructions() for s in samples], t.min_fraction, t.min_count, t.top_k, t.min_words)
+    # The same list training uses: mined, then the preset's additions and removals.
+    mined = apply_edits(mine_templates([s.instructions() for s in samples], t.min_fraction, t.min_count, t.top_k, t.min_words), t.add, t.remove)
     encoder = Encoder(processor, chat.FORMATS[config.model.prompt_format], [m.sentence for m in mined])
     sample = samples[index]
     encoded = encoder.encode(sample.messages, sample.image_sizes)

@@ -114,15 +114,25 @@ def print_templates(templates: list[TaskTemplate], mode: str) -> None:
 # ---------------------------------------------------------------- trainer
 
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Per-token cross-entropy of (N, V) logits, in fp32 a chunk of rows at a time (-100: loss 0)."""
+    parts = [
+        torch.nn.functional.cross_entropy(logits[i : i + chunk].float(), targets[i : i + chunk], ignore_index=-100, reduction="none")
+        for i in range(0, logits.shape[0], chunk)
+    ]
+    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+
+
 class L2TTrainer(Trainer):
     """HF Trainer with the per-token weighted L2T loss and split loss logging."""
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, lengths: list[int] | None = None, group_by_length: bool = False, **kwargs):
+    def __init__(self, *args, lengths: list[int] | None = None, group_by_length: bool = False, labelled_logits_only: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self._lengths = lengths
         self._group_by_length = group_by_length
+        self.labelled_logits_only = labelled_logits_only
         self._parts = torch.zeros(6, dtype=torch.float64)  # resp sum, resp n, instr sum, instr n, tokens, samples
 
     def _get_train_sampler(self, train_dataset=None):
@@ -133,21 +143,27 @@ class L2TTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
-        weights = inputs.pop("loss_weights")
-        kinds = inputs.pop("loss_kinds")
-        outputs = model(**inputs)
-        logits = outputs.logits[:, :-1, :]
+        weights = inputs.pop("loss_weights")[:, 1:]
+        kinds = inputs.pop("loss_kinds")[:, 1:]
         targets = labels[:, 1:]
-        token_loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
-        ).view_as(targets)
-        weighted = (token_loss * weights[:, 1:]).sum()
+        if self.labelled_logits_only:
+            # Logits only where the next token carries a label: most positions of a VLM batch are image
+            # tokens or prompt, and full-vocabulary logits for them are the largest activation of a step.
+            in_loss = targets != -100
+            keep = torch.nn.functional.pad(in_loss, (0, 1), value=False)
+            outputs = model(**inputs, logits_to_keep=keep)
+            token_loss = token_cross_entropy(outputs.logits, targets[in_loss])
+            weights, kinds = weights[in_loss], kinds[in_loss]
+        else:
+            outputs = model(**inputs)
+            logits = outputs.logits[:, :-1, :]
+            token_loss = token_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            weights, kinds = weights.reshape(-1), kinds.reshape(-1)
         count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-        loss = weighted / count
+        loss = (token_loss * weights).sum() / count
         if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it for a global token mean
         with torch.no_grad():
-            kinds = kinds[:, 1:]
             detached = token_loss.detach().double()
             self._parts += torch.stack([
                 (detached * (kinds == 2)).sum(), (kinds == 2).sum().double(),
@@ -393,6 +409,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         callbacks=[folder_callback, StopOnSignal()],
         lengths=dataset.lengths,
         group_by_length=t.group_by_length,
+        labelled_logits_only=t.labelled_logits_only,
     )
     say(f"training {len(examples)} samples, loss mode {lo.mode}; run folder {run_dir}")
     try:

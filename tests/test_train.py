@@ -57,22 +57,31 @@ class _Args:
     world_size = 1
 
 
-def test_weighted_loss_is_token_mean_with_weights():
+def _bare_trainer(labelled_logits_only: bool) -> L2TTrainer:
+    trainer = L2TTrainer.__new__(L2TTrainer)
+    trainer.args = _Args()
+    trainer.labelled_logits_only = labelled_logits_only
+    trainer._parts = torch.zeros(6, dtype=torch.float64)
+    return trainer
+
+
+@pytest.mark.parametrize("labelled_logits_only", [False, True])
+def test_weighted_loss_is_token_mean_with_weights(labelled_logits_only):
     """loss = sum(weight * CE) / number of tokens in the loss; split losses are plain means per kind."""
+    from transformers.modeling_utils import slice_logits_to_keep
+
     torch.manual_seed(0)
     vocab, batch, length = 11, 2, 6
     logits = torch.randn(batch, length, vocab)
 
     class Model(torch.nn.Module):
-        def forward(self, input_ids, attention_mask):
-            return type("Out", (), {"logits": logits})()
+        def forward(self, input_ids, attention_mask, logits_to_keep=0):
+            return type("Out", (), {"logits": slice_logits_to_keep(logits, logits_to_keep)})()
 
     labels = torch.tensor([[-100, 3, 4, -100, 5, 6], [-100, -100, 7, 8, 9, -100]])
     weights = torch.tensor([[0, 0.5, 0.5, 0, 1, 1], [0, 0, 0.5, 1, 1, 0]])
     kinds = torch.tensor([[0, 1, 1, 0, 2, 2], [0, 0, 1, 2, 2, 0]])
-    trainer = L2TTrainer.__new__(L2TTrainer)
-    trainer.args = _Args()
-    trainer._parts = torch.zeros(6, dtype=torch.float64)
+    trainer = _bare_trainer(labelled_logits_only)
     inputs = {"input_ids": torch.zeros(batch, length, dtype=torch.long), "attention_mask": torch.ones(batch, length, dtype=torch.long),
               "labels": labels, "loss_weights": weights, "loss_kinds": kinds}  # fmt: skip
     loss = L2TTrainer.compute_loss(trainer, Model(), dict(inputs))
@@ -82,6 +91,34 @@ def test_weighted_loss_is_token_mean_with_weights():
     k = kinds[:, 1:]
     assert torch.isclose(trainer._parts[0] / trainer._parts[1], ce[k == 2].mean().double(), atol=1e-6)
     assert torch.isclose(trainer._parts[2] / trainer._parts[3], ce[k == 1].mean().double(), atol=1e-6)
+
+
+def test_labelled_logits_only_keeps_the_numerics(tiny_config, tiny_processor, shapes_dir):
+    """On a real 4-bit batch, logits at labelled positions only give the same loss and gradients."""
+    from l2t.batch import Collator, TrainingSet, encode_samples
+    from l2t.chat import FORMATS
+    from l2t.data import load_samples
+    from l2t.images import ImageSource
+    from l2t.masking import Encoder
+    from l2t.models import load_for_training
+
+    samples, _ = load_samples(shapes_dir / "train.json")
+    encoder = Encoder(tiny_processor, FORMATS[tiny_config.model.prompt_format], ["Answer yes or no."])
+    examples = encode_samples(samples[:8], encoder, "l2t", 1.0, 1.0)
+    dataset = TrainingSet(examples, ImageSource(shapes_dir), tiny_processor)
+    batch = Collator(tiny_processor.tokenizer.pad_token_id)([dataset[i] for i in range(8)])
+    torch.manual_seed(0)
+    model, _ = load_for_training(tiny_config, device="cpu")
+    results = []
+    for flag in (False, True):
+        loss = L2TTrainer.compute_loss(_bare_trainer(flag), model, dict(batch))
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((loss.detach(), grads.clone()))
+        model.zero_grad(set_to_none=True)
+    (full, full_grads), (kept, kept_grads) = results
+    assert abs(kept.item() - full.item()) <= 1e-3 * abs(full.item())
+    assert torch.allclose(kept_grads, full_grads, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -1,0 +1,89 @@
+"""Data preparation speed: the L2T mask vs bare tokenization, in one process.
+
+    python bench/data_prep.py [--n 4000] [--llava-shaped]
+
+Measures conversations per second for render + tokenize + roles + labels in
+`l2t` mode (`Encoder.encode` + `labels_and_weights`) against a bare
+`tokenizer(texts)` call on the same expanded texts (the image placeholders
+already replaced by their image tokens, as the processor would). Goal: ratio
+>= 0.8, i.e. the mask costs at most 25% over tokenizing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--llava-shaped", action="store_true", help="expand each image to 576 tokens as LLaVA-1.5 does (336 px, patch 14)")
+    args = parser.parse_args()
+
+    from l2t import chat, synthetic
+    from l2t.config import load_config
+    from l2t.data import load_samples
+    from l2t.masking import Encoder, _char_roles, labels_and_weights  # noqa: PLC2701
+    from l2t.models import load_processor
+    from l2t.templates import mine_templates
+
+    config = load_config("tiny")
+    processor = load_processor(config.model)
+    if args.llava_shaped:
+        processor.patch_size = 14
+        processor.image_processor.crop_size = {"height": 336, "width": 336}
+        processor.image_processor.size = {"shortest_edge": 336}
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic.generate(tmp, n=args.n, seed=0, n_test=20)
+        samples, _ = load_samples(Path(tmp) / "train.json")
+    templates = [t.sentence for t in mine_templates([s.instructions() for s in samples])]
+    fmt = chat.FORMATS[config.model.prompt_format]
+    encoder = Encoder(processor, fmt, templates)
+    tokenizer = encoder.tokenizer
+
+    def expanded_text(sample):
+        rendered = chat.render(sample.messages, fmt)
+        replacements = [encoder._expanded_placeholder(size) for size in sample.image_sizes]
+        return _char_roles(rendered, replacements, frozenset())[0]  # the processor's expanded text
+
+    texts = [expanded_text(s) for s in samples]
+
+    def bare():
+        tokenizer(texts)
+
+    def l2t():
+        for encoded in encoder.encode_many([(s.messages, s.image_sizes) for s in samples]):
+            labels_and_weights(encoded, "l2t")
+
+    bare()  # warm-up
+    l2t()
+    t_bare = best_of(args.repeats, bare)
+    t_l2t = best_of(args.repeats, l2t)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    image_tokens = encoder.image_replacement((64, 64)).count(processor.image_token)
+    print(f"{len(samples)} conversations (tiny tokenizer, synthetic shapes, {image_tokens} image tokens per image, {len(templates)} task templates)")
+    print(f"bare tokenizer(texts), batched:  {len(samples) / t_bare:10.0f} conversations/s")
+    print(f"render+tokenize+roles+labels:    {len(samples) / t_l2t:10.0f} conversations/s")
+    print(f"ratio (l2t / bare): {t_bare / t_l2t:.2f}   (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
