@@ -51,6 +51,7 @@ REASONS = {
     "no_final_response": "the conversation must end with an assistant turn",
     "empty_text": "a turn has no text",
     "image_in_response": "an assistant turn contains an image placeholder",
+    "image_in_system": "the system message contains an image placeholder",
     "image_count_mismatch": "the number of <image> placeholders differs from the number of images",
     "image_path_unsafe": "an image path is absolute or leaves the image folder",
     "image_missing": "an image file is missing",
@@ -129,7 +130,7 @@ def _read_records(path: Path, report: DataReport) -> list[tuple[str, object]]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read data file: {exc.strerror}") from None
+        raise DataError(f"{path}: [file_unreadable] cannot read data file: {exc.strerror}") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -141,7 +142,9 @@ def _read_records(path: Path, report: DataReport) -> list[tuple[str, object]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            if stripped[0] != "{" or path.suffix.lower() == ".json":
+            # A one-line object followed by more is JSON Lines, whatever the file is called.
+            jsonl = exc.msg == "Extra data" and "\n" not in text[: exc.pos].strip()
+            if stripped[0] != "{" or (path.suffix.lower() == ".json" and not jsonl):
                 raise DataError(f"{path}: [invalid_json] {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
         else:
             if isinstance(data, list):
@@ -151,7 +154,9 @@ def _read_records(path: Path, report: DataReport) -> list[tuple[str, object]]:
             if not isinstance(data, dict):
                 raise DataError(f"{path}: [not_a_list] a JSON data file must hold a list of samples, found {type(data).__name__}")
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a JSON Lines record: str.splitlines() would also break inside
+    # strings that hold a raw U+2028, U+0085, ... (valid JSON, written by ensure_ascii=False).
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -183,7 +188,10 @@ def _llava_turns(record: dict) -> tuple[list[dict], list[str]]:
         if role is None:
             raise _Bad("unknown_role", f"conversations[{i}] has 'from': {turn['from']!r}; expected human, gpt or system")
         messages.append({"role": role, "content": _text(turn["value"], f"conversations[{i}].value")})
-    images = record.get("image", [])
+    # null is "no image", as exporters that write every column give text-only rows
+    images = record.get("image")
+    if images is None:
+        images = []
     if isinstance(images, str):
         images = [images]
     if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
@@ -228,7 +236,9 @@ def _messages_turns(record: dict) -> tuple[list[dict], list[str]]:
                     raise _Bad("wrong_type", f"messages[{i}].content[{j}] must be {{'type': 'image'}} or {{'type': 'text', 'text': ...}}")
             content = "".join(pieces)
         messages.append({"role": role, "content": _text(content, f"messages[{i}].content")})
-    images = record.get("images", part_images)
+    images = record.get("images")
+    if images is None:
+        images = part_images
     if isinstance(images, str) or not isinstance(images, list) or not all(isinstance(x, str) for x in images):
         raise _Bad("wrong_type", f"'images' must be a list of path strings, got {images!r:.60}")
     return messages, images
@@ -248,6 +258,8 @@ def _check_structure(messages: list[dict], images: list[str]) -> None:
         text = m["content"].replace(IMAGE, "").strip()
         if m["role"] == "assistant" and IMAGE in m["content"]:
             raise _Bad("image_in_response", f"turn {i + 1} (assistant) contains {IMAGE}")
+        if m["role"] == "system" and IMAGE in m["content"]:
+            raise _Bad("image_in_system", f"the system message contains {IMAGE}; images go in user turns")
         if not text and not (m["role"] == "user" and IMAGE in m["content"]):
             raise _Bad("empty_text", f"turn {i + 1} ({m['role']}) is empty")
     placeholders = sum(m["content"].count(IMAGE) for m in messages)

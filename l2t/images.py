@@ -5,7 +5,7 @@ climbs out of the root (`../../etc/passwd`) is refused, and so is an archive
 with such members, symlinks, or a suspicious total size (a zip bomb). Archives
 are read in place: nothing is extracted to disk. Images are checked against a
 pixel limit before they are decoded, and converted to RGB (grayscale, CMYK,
-palette and RGBA images all work).
+palette and RGBA images all work; 16-bit grayscale is scaled to 8 bits).
 """
 
 from __future__ import annotations
@@ -15,10 +15,15 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 MAX_ARCHIVE_MEMBERS = 2_000_000
 MAX_ARCHIVE_BYTES = 64 * 1024**3
+# An image file is read into memory whole before its header is checked, so its
+# size is capped first: a zip member can declare gigabytes under the archive limit.
+# 1 GiB is over twice an uncompressed 16-bit RGBA TIFF at the default 50 Mpx limit.
+MAX_IMAGE_BYTES = 1024**3
 
 
 class ImageError(Exception):
@@ -92,6 +97,7 @@ class ImageSource:
                 raise ImageError("image_missing", f"image '{original}' is not in archive {self.root.name}")
             if info.file_size == 0:
                 raise ImageError("image_unreadable", f"image '{original}' is an empty file")
+            _check_file_size(info.file_size, original)
             try:
                 return self._zip.read(info)
             except (zipfile.BadZipFile, OSError, EOFError) as exc:
@@ -104,7 +110,11 @@ class ImageSource:
             raise ImageError("image_path_unsafe", f"image path '{original}' resolves outside the image folder") from None
         if not path.is_file():
             raise ImageError("image_missing", f"image file '{original}' not found under {self.root}")
-        data = path.read_bytes()
+        try:
+            _check_file_size(path.stat().st_size, original)
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageError("image_unreadable", f"image '{original}' could not be read ({exc.strerror or exc})") from None
         if not data:
             raise ImageError("image_unreadable", f"image '{original}' is an empty file")
         return data
@@ -126,7 +136,10 @@ class ImageSource:
             return img
         except ImageError:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:
+            # Pillow's own limit (about 179 Mpx) refuses the header before ours is reached.
+            raise ImageError("image_too_large", f"image '{path}' is too large: {exc}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ImageError("image_unreadable", f"image '{path}' is not a readable image ({type(exc).__name__}: {exc})") from None
 
     def size(self, path: str) -> tuple[int, int]:
@@ -137,6 +150,10 @@ class ImageSource:
         """The image decoded and converted to RGB."""
         img = self._decode(path, verify=False)
         try:
+            if img.mode == "I" or img.mode.startswith("I;16"):
+                # convert() clips 16-bit values at 255, which turns the image white: scale instead.
+                levels = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257
+                img = Image.fromarray(np.rint(levels).astype(np.uint8))
             if img.mode in ("RGBA", "LA", "P", "PA"):
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -144,3 +161,8 @@ class ImageSource:
             return img.convert("RGB")
         except (OSError, ValueError) as exc:
             raise ImageError("image_unreadable", f"image '{path}' could not be decoded ({exc})") from None
+
+
+def _check_file_size(size: int, path: str) -> None:
+    if size > MAX_IMAGE_BYTES:
+        raise ImageError("image_too_large", f"image '{path}' is a {size / 1024**2:,.0f} MiB file, over the limit of {MAX_IMAGE_BYTES / 1024**2:,.0f} MiB")

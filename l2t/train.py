@@ -104,6 +104,16 @@ def prepare_data(config: Config) -> PreparedData:
     return PreparedData(train, held_out, images, report, templates)
 
 
+def unique_names(ids: list[str]) -> list[str]:
+    """Sample ids made unique (data files may repeat an id): the 2nd "x" becomes "x (2)"."""
+    seen: dict[str, int] = {}
+    names = []
+    for sample_id in ids:
+        seen[sample_id] = seen.get(sample_id, 0) + 1
+        names.append(sample_id if seen[sample_id] == 1 else f"{sample_id} ({seen[sample_id]})")
+    return names
+
+
 def print_templates(templates: list[TaskTemplate], mode: str) -> None:
     used = "kept out of the instruction loss" if mode == "l2t" else f"not used by loss mode {mode}"
     say(f"task templates ({len(templates)}, {used}):")
@@ -340,12 +350,13 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     encoder = Encoder(processor, fmt, [t.sentence for t in data.templates] if config.loss.mode == "l2t" else ())
     lo = config.loss
     examples = encode_samples(data.train, encoder, lo.mode, lo.instruction_weight, lo.response_weight)
-    too_long = check_lengths({e.sample.id: len(e.input_ids) for e in examples}, config.train.max_length, data.report)
+    names = unique_names([e.sample.id for e in examples])
+    too_long = check_lengths(dict(zip(names, (len(e.input_ids) for e in examples))), config.train.max_length, data.report)
     if too_long:
         say(f"{len(too_long)} sample(s) exceed train.max_length={config.train.max_length} with their image tokens and are skipped")
         if config.data.strict:
             raise DataError(f"{len(too_long)} sample(s) longer than train.max_length (strict mode)\n" + data.report.summary(), data.report)
-        examples = [e for e in examples if e.sample.id not in too_long]
+        examples = [e for e, name in zip(examples, names) if name not in too_long]
     examples = [e for e in examples if (e.labels != -100).sum() > 1]
     if not examples:
         raise DataError("no sample is left to train on after the checks above\n" + data.report.summary(), data.report)
