@@ -77,6 +77,20 @@ def load_processor(model: ModelConfig):
     return processor
 
 
+def checkpoint_dtype(model: ModelConfig) -> torch.dtype | None:
+    """The dtype the base model's weights are stored in (its config.json says), or None if it doesn't say."""
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(source(model), trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def quantization_config(model: ModelConfig, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
@@ -154,6 +168,9 @@ def add_lora(base, model: ModelConfig, lora: LoraConfig):
         modules_to_save += model.projector_modules
     if model.train_vision:
         modules_to_save += model.vision_modules
+    module_names = {name for name, _ in base.named_modules()}
+    # peft's modules_to_save holds modules only; a bare parameter (LLaVA-NeXT's image_newline) stays frozen.
+    modules_to_save = [m for m in modules_to_save if m in module_names]
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
