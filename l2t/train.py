@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
 import shutil
@@ -40,6 +41,9 @@ from l2t.images import ImageError, ImageSource
 from l2t.masking import Encoder
 from l2t.models import ModelError, load_for_training
 from l2t.templates import TaskTemplate, apply_edits, mine_templates, save_templates
+
+DISK_FULL_BYTES = 16 * 1024**2
+"""A write that fails with less free space than this in the run folder's file system is reported as a full disk."""
 
 
 def is_main_process() -> bool:
@@ -251,8 +255,12 @@ class StopOnSignal(TrainerCallback):
             self.previous[sig] = signal.signal(sig, self._request)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous.clear()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -263,10 +271,25 @@ class StopOnSignal(TrainerCallback):
 # ---------------------------------------------------------------- run folder
 
 
+def checkpoint_complete(folder: Path) -> bool:
+    """Whether a Trainer checkpoint was saved whole: its weights are there and trainer_state.json,
+    which the Trainer writes last, parses (a kill or a full disk mid-save leaves it missing or torn)."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state and any(folder.glob("*.safetensors"))
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones are named and passed over."""
     folder = run_dir / "checkpoints"
-    found = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
+    for checkpoint in reversed(found):
+        if checkpoint_complete(checkpoint):
+            return checkpoint
+        say(f"--resume: {checkpoint.name} is incomplete (interrupted while it was saved); using an earlier checkpoint")
+    return None
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:
@@ -284,15 +307,18 @@ def open_run_dir(config: Config, resume: bool, overwrite: bool) -> tuple[Path, P
         checkpoint = last_checkpoint(run_dir)
         if checkpoint is None:
             say(f"--resume: no checkpoint in {run_dir} yet; starting from the beginning")
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output {run_dir} is a file, not a folder; choose another --output")
+    elif not is_main_process():
+        pass  # the main process checks and prepares the folder (and may already have written to it)
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise ConfigError(f"{run_dir} already holds files; pass --resume to continue that run or --overwrite to replace it")
-        if is_main_process():
-            shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir)
     if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
@@ -412,12 +438,13 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     dataset = TrainingSet(examples, data.images, processor)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else processor.tokenizer.eos_token_id
     folder_callback = RunFolderCallback(run_dir, device)
+    stopper = StopOnSignal()
     trainer = L2TTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=Collator(pad_id),
-        callbacks=[folder_callback, StopOnSignal()],
+        callbacks=[folder_callback, stopper],
         lengths=dataset.lengths,
         group_by_length=t.group_by_length,
         labelled_logits_only=t.labelled_logits_only,
@@ -426,12 +453,17 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.cuda.OutOfMemoryError:
-        folder_callback.status("failed", error="out of GPU memory")
+        failed(folder_callback, "out of GPU memory")
         raise ModelError(
             "out of GPU memory. Lower train.max_length, the image size cap (model.image_max_pixels), "
             "train.batch_size (raising train.grad_accum to keep the effective batch), or pick a smaller preset. "
             f"Checkpoints so far are kept in {run_dir / 'checkpoints'}; continue with --resume."
         ) from None
+    except Exception as exc:
+        failed(folder_callback, "the disk is full" if disk_full(exc, run_dir) else f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        stopper.restore()  # on_train_end doesn't run when training raises
     stopped_early = trainer.state.global_step < trainer.state.max_steps
     if is_main_process():
         save_adapter(model, run_dir)
@@ -451,7 +483,11 @@ def save_adapter(model, run_dir: Path) -> None:
     """adapter/ in peft format (loads with PeftModel.from_pretrained), renamed into place whole."""
     tmp = run_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written adapter must not outlive the failure
+        raise
     final = run_dir / runs.ADAPTER
     old = run_dir / ".adapter.old"
     if final.exists():
@@ -518,18 +554,40 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     return load_config(args.preset, args.config, overrides), args
 
 
+def failed(callback: RunFolderCallback, error: str) -> None:
+    """Mark the run failed in status.json; a write that fails too (a full disk) must not hide the first error."""
+    try:
+        callback.status("failed", error=error)
+    except OSError:
+        pass
+
+
+def disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether `exc` means the disk is full. torch.save and safetensors don't raise ENOSPC as an OSError
+    (a RuntimeError from torch's zip writer, a SafetensorError), so a folder with almost no space left counts too."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if "No space left on device" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    config = None
     try:
         config, args = parse_args(argv)
         train(config, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, DataError, ModelError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    except OSError as exc:
-        if exc.errno == 28:  # ENOSPC
-            print(f"error: the disk is full ({exc.filename or ''}); free space and continue with --resume", file=sys.stderr)
-            return 1
-        raise
+    except Exception as exc:
+        if config is None or not disk_full(exc, config.run_dir()):
+            raise
+        print(f"error: the disk is full: {exc}\nFree space, then continue with --resume.", file=sys.stderr)
+        return 1
     return 0
 
 
