@@ -145,28 +145,60 @@ class Encoder:
         # The format's placeholder contains the processor's image token (e.g. Qwen's vision start/pad/end).
         return self.fmt.image_placeholder.replace(self.processor.image_token, self.image_replacement(size), 1)
 
+    def image_ids(self, size: tuple[int, int]) -> np.ndarray:
+        """Token ids of one expanded image placeholder."""
+        key = ("ids", None if self._size_free else tuple(size))
+        if key not in self._replacements:
+            ids = self.tokenizer(self._expanded_placeholder(size), add_special_tokens=False)["input_ids"]
+            self._replacements[key] = np.asarray(ids, dtype=np.int64)
+        return self._replacements[key]
+
     def encode(self, messages: list[dict], image_sizes: list[tuple[int, int]] = (), add_generation_prompt: bool = False) -> Encoded:
         return self.encode_many([(messages, image_sizes)], add_generation_prompt)[0]
 
     def encode_many(self, items: list[tuple[list[dict], list[tuple[int, int]]]], add_generation_prompt: bool = False) -> list[Encoded]:
-        """Encode (messages, image sizes) pairs; one tokenizer call for all of them."""
-        texts, char_roles = [], []
+        """Encode (messages, image sizes) pairs; one tokenizer call for all of them.
+
+        The text is tokenized with each image placeholder as written (its special tokens
+        split the text, so nothing around it tokenizes differently), then the placeholder's
+        tokens are replaced by the processor's run of image tokens: the same ids as
+        tokenizing the processor's expanded text, without tokenizing hundreds of image tokens.
+        """
+        texts, char_roles, placements = [], [], []
         for messages, image_sizes in items:
             rendered = chat.render(messages, self.fmt, add_generation_prompt=add_generation_prompt)
             if len(rendered.image_spans) != len(image_sizes):
                 raise ValueError(f"{len(rendered.image_spans)} image placeholder(s) but {len(image_sizes)} image(s)")
-            replacements = [self._expanded_placeholder(size) for size in image_sizes]
-            text, roles = _char_roles(rendered, replacements, self.task_templates)
+            text, roles = _char_roles(rendered, [], self.task_templates)
             texts.append(text)
             char_roles.append(roles)
+            placements.append(list(zip(rendered.image_spans, image_sizes)))
         if not texts:
             return []
         batch = self.tokenizer(texts, return_offsets_mapping=True)
         encoded = []
-        for text, roles, ids, offsets in zip(texts, char_roles, batch["input_ids"], batch["offset_mapping"]):
+        for text, roles, ids, offsets, images in zip(texts, char_roles, batch["input_ids"], batch["offset_mapping"], placements):
             offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-            encoded.append(Encoded(np.asarray(ids, dtype=np.int64), token_roles(text, roles, offsets)))
+            ids = np.asarray(ids, dtype=np.int64)
+            token_role = token_roles(text, roles, offsets)
+            if images:
+                ids, token_role = self._splice_images(ids, token_role, offsets, images)
+            encoded.append(Encoded(ids, token_role))
         return encoded
+
+    def _splice_images(self, ids, roles, offsets, images) -> tuple[np.ndarray, np.ndarray]:
+        id_parts, role_parts, position = [], [], 0
+        for (start, end), size in images:
+            inside = np.nonzero((offsets[:, 0] >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0]))[0]
+            if len(inside) == 0 or inside[-1] - inside[0] + 1 != len(inside) or inside[0] < position:
+                raise ValueError(f"the tokenizer split the image placeholder {self.fmt.image_placeholder!r} unexpectedly")
+            image = self.image_ids(size)
+            id_parts += [ids[position : inside[0]], image]
+            role_parts += [roles[position : inside[0]], np.full(len(image), Role.IMAGE, np.int8)]
+            position = inside[-1] + 1
+        id_parts.append(ids[position:])
+        role_parts.append(roles[position:])
+        return np.concatenate(id_parts), np.concatenate(role_parts)
 
 
 def _role_table(roles) -> np.ndarray:
