@@ -111,3 +111,16 @@ def test_missing_model_is_a_clear_error():
     config = load_config("tiny", overrides=["model.hub_id=/nonexistent/model"])
     with pytest.raises(ModelError, match="cannot load the processor of '/nonexistent/model'"):
         load_processor(config.model)
+
+
+def test_8bit_loads_and_trains(tiny_processor):
+    from PIL import Image
+
+    config = load_config("tiny", overrides=["model.quant=8bit"])
+    model, _ = load_for_training(config, device="cpu")
+    eight_bit = _modules(model, bnb.nn.Linear8bitLt)
+    assert eight_bit and all(".language_model.layers." in n for n in eight_bit)
+    inputs = tiny_processor(text=["USER: <image>\nWhat?\nASSISTANT: A.</s>"], images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)

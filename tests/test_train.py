@@ -210,3 +210,20 @@ def test_two_processes_with_torchrun(tmp_path):
     assert rows[0]["samples_per_s"] > 0 and all(json.dumps(r) for r in rows)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert result.stdout.count("training 240 samples") == 1
+
+
+def test_out_of_memory_names_the_knobs_and_keeps_the_run(tmp_path, monkeypatch, capsys):
+    from transformers import Trainer
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train", out_of_memory)
+    run_dir = tmp_path / "run"
+    assert main(["--preset", "tiny", "--output", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    for knob in ("train.max_length", "model.image_max_pixels", "train.batch_size", "train.grad_accum", "smaller preset", "--resume"):
+        assert knob in err
+    assert "Traceback" not in err
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+    assert (run_dir / "config.yaml").exists()
