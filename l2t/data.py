@@ -145,7 +145,7 @@ def _read_records(path: Path, report: DataReport) -> list[tuple[str, object]]:
             # A one-line object followed by more is JSON Lines, whatever the file is called.
             jsonl = exc.msg == "Extra data" and "\n" not in text[: exc.pos].strip()
             if stripped[0] != "{" or (path.suffix.lower() == ".json" and not jsonl):
-                raise DataError(f"{path}: [invalid_json] {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+                raise DataError(f"{path}: [invalid_json] {_json_error(exc)} at line {exc.lineno}, column {exc.colno}") from None
         else:
             if isinstance(data, list):
                 return [(f"#{i}", record) for i, record in enumerate(data)]
@@ -163,8 +163,13 @@ def _read_records(path: Path, report: DataReport) -> list[tuple[str, object]]:
             records.append((f"line {number}", json.loads(line)))
         except json.JSONDecodeError as exc:
             report.total += 1
-            report.problems.append(Problem(str(path), f"line {number}", "invalid_json", f"{exc.msg} at column {exc.colno}"))
+            report.problems.append(Problem(str(path), f"line {number}", "invalid_json", f"{_json_error(exc)} at column {exc.colno}"))
     return records
+
+
+def _json_error(exc: json.JSONDecodeError) -> str:
+    # "Unterminated string starting at" already ends with the "at" of the position that follows.
+    return exc.msg.removesuffix(" at")
 
 
 def _text(value, where: str) -> str:
@@ -196,8 +201,9 @@ def _llava_turns(record: dict) -> tuple[list[dict], list[str]]:
         images = [images]
     if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
         raise _Bad("wrong_type", "'image' must be a path string or a list of path strings")
-    if len(images) == 1:
-        # LLaVA's convention: the single image goes to the start of its turn.
+    if len(images) == 1 and sum(m["content"].count(IMAGE) for m in messages) == 1:
+        # LLaVA's convention: the single image goes to the start of its turn. (Only with one
+        # placeholder: LLaVA would also fold "<image> ... <image>" into one, hiding a count mismatch.)
         for m in messages:
             if IMAGE in m["content"]:
                 rest = m["content"].replace(IMAGE, "").strip()

@@ -139,7 +139,11 @@ class ImageSource:
         except Image.DecompressionBombError as exc:
             # Pillow's own limit (about 179 Mpx) refuses the header before ours is reached.
             raise ImageError("image_too_large", f"image '{path}' is too large: {exc}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except UnidentifiedImageError:
+            # Pillow's own message names the BytesIO object (a memory address), not the file.
+            message = f"image '{path}' is not a readable image (UnidentifiedImageError: not an image format Pillow knows)"
+            raise ImageError("image_unreadable", message) from None
+        except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError("image_unreadable", f"image '{path}' is not a readable image ({type(exc).__name__}: {exc})") from None
 
     def size(self, path: str) -> tuple[int, int]:

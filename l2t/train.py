@@ -452,6 +452,9 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     say(f"training {len(examples)} samples, loss mode {lo.mode}; run folder {run_dir}")
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if is_main_process():
+            save_adapter(model, run_dir)
+            plot_losses(run_dir)
     except torch.cuda.OutOfMemoryError:
         failed(folder_callback, "out of GPU memory")
         raise ModelError(
@@ -465,9 +468,6 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     finally:
         stopper.restore()  # on_train_end doesn't run when training raises
     stopped_early = trainer.state.global_step < trainer.state.max_steps
-    if is_main_process():
-        save_adapter(model, run_dir)
-        plot_losses(run_dir)
     if stopped_early:
         folder_callback.status("stopped", step=trainer.state.global_step, total=trainer.state.max_steps)
         say(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps}; continue with --resume")
@@ -543,7 +543,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.learning_rate=1e-4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before and after the options
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.path={json.dumps(args.data)}")

@@ -138,8 +138,7 @@ def test_image_missing_and_unreadable_messages(folder):
     _, report = load_samples(path)
     assert [p.message for p in report.problems] == [
         f"image file 'img/green.png' not found under {folder}",
-        "image 'img/notes.png' is not a readable image (UnidentifiedImageError: cannot identify image file <_io.BytesIO object at 0x"
-        + report.problems[1].message.split(" at 0x")[1],
+        "image 'img/notes.png' is not a readable image (UnidentifiedImageError: not an image format Pillow knows)",
     ]
 
 
