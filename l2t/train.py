@@ -298,10 +298,17 @@ def trim_metrics(run_dir: Path, step: int) -> None:
     runs.atomic_write_text(run_dir / runs.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+LAUNCH_FILES = {"launch.yaml", runs.LOG}
+"""Files a launcher (the UI) writes into a run folder before the run starts."""
+
+
 def open_run_dir(config: Config, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
     run_dir = config.run_dir()
     checkpoint = None
-    if resume:
+    launched_only = run_dir.is_dir() and all(p.name in LAUNCH_FILES for p in run_dir.iterdir())
+    if resume and launched_only:
+        say(f"--resume: {run_dir} holds no checkpoint yet; starting from the beginning")
+    elif resume:
         if not (run_dir / runs.CONFIG).exists():
             raise ConfigError(f"--resume: {run_dir} holds no run to resume (no {runs.CONFIG})")
         checkpoint = last_checkpoint(run_dir)
@@ -311,10 +318,12 @@ def open_run_dir(config: Config, resume: bool, overwrite: bool) -> tuple[Path, P
         raise ConfigError(f"output {run_dir} is a file, not a folder; choose another --output")
     elif not is_main_process():
         pass  # the main process checks and prepares the folder (and may already have written to it)
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(p.name not in LAUNCH_FILES for p in run_dir.iterdir()):
         if not overwrite:
             raise ConfigError(f"{run_dir} already holds files; pass --resume to continue that run or --overwrite to replace it")
-        shutil.rmtree(run_dir)
+        for path in run_dir.iterdir():
+            if path.name not in LAUNCH_FILES:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     if is_main_process():
         probe = run_dir / ".write-test"
         try:
@@ -397,11 +406,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         save_templates(run_dir / runs.TEMPLATES, data.templates, settings)
         runs.atomic_write_json(run_dir / runs.DATA_REPORT, data.report.to_dict())
         save_held_out(run_dir / runs.HELD_OUT, data.held_out)
-        if checkpoint is not None:
-            state = json.loads((checkpoint / "trainer_state.json").read_text())
-            trim_metrics(run_dir, state["global_step"])
-        elif not resume:
-            (run_dir / runs.METRICS).unlink(missing_ok=True)
+        resumed_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+        trim_metrics(run_dir, resumed_step)  # rows after the checkpoint are logged again
 
     set_seed(config.train.seed)  # LoRA's initial weights come from the global RNG
     model, processor = load_for_training(config, device=device)
@@ -444,7 +450,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         args=args,
         train_dataset=dataset,
         data_collator=Collator(pad_id),
-        callbacks=[folder_callback, stopper],
+        callbacks=[stopper, folder_callback],  # the stop handler is in place before "running" is announced
         lengths=dataset.lengths,
         group_by_length=t.group_by_length,
         labelled_logits_only=t.labelled_logits_only,

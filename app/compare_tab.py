@@ -1,0 +1,199 @@
+"""The Compare tab: base vs tuned answers to one image and prompt, and the batch evaluation report.
+
+Single answers run in the server process (inference only): the run's model is
+loaded once through `l2t.evaluate.load_run` and kept until another run is
+asked for; `l2t.evaluate.caption_pair` gives both answers, the base one with
+the adapter switched off. The batch evaluation is `python -m l2t.evaluate` as a
+subprocess, and its report (RUN_DIR/eval/report.html) is shown in the page.
+"""
+
+from __future__ import annotations
+
+import gc
+import html
+import logging
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import gradio as gr
+
+from app.common import AppContext, guarded, list_runs, notice, run_choices, run_dir
+from app.jobs import module_command
+from app.run_view import error_in_log, log_tail
+from l2t import chat, evaluate, runs
+from l2t.config import DataConfig
+from l2t.data import Sample
+from l2t.images import ImageSource
+from l2t.synthetic import CAPTION_PROMPTS
+
+log = logging.getLogger("app.compare")
+
+DEFAULT_PROMPT = CAPTION_PROMPTS[0]
+EVAL_LOG = "evaluate.log"
+
+
+class ModelCache:
+    """One run's model in memory at a time (GPU memory is the limit), reloaded when its adapter changes."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._key = None
+        self._value = None
+
+    def get(self, folder: Path):
+        """(RunFolder, model, encoder); call with `lock` held (generation switches the adapter off and on)."""
+        adapter = folder / runs.ADAPTER / "adapter_config.json"
+        key = (str(folder.resolve()), adapter.stat().st_mtime_ns if adapter.exists() else 0)
+        if key != self._key:
+            self._key, self._value = None, None
+            gc.collect()
+            run = evaluate.open_run(folder)
+            model, encoder = evaluate.load_run(run)
+            self._key, self._value = key, (run, model, encoder)
+            log.info("loaded the model of %s", folder)
+        return self._value
+
+
+MODELS = ModelCache()
+
+
+def _checked_image(path: str, max_pixels: int):
+    """The uploaded file as an RGB image, through the library's checks (pixel limit, corrupt files)."""
+    file = Path(path)
+    return ImageSource(file.parent, max_pixels=max_pixels).open(file.name)
+
+
+@guarded
+def check_image(context: AppContext, run: str | None, path: str | None):
+    if not path:
+        return None
+    data = evaluate.open_run(run_dir(context, run)).config.data if run else DataConfig()
+    return _checked_image(path, data.max_image_pixels)
+
+
+@guarded
+def compare(context: AppContext, run: str | None, image, prompt: str):
+    if not run:
+        raise gr.Error("Pick a finished run first (train one in the Train tab).")
+    folder = run_dir(context, run)
+    prompt = (prompt or "").strip() or DEFAULT_PROMPT
+    started = time.time()
+    with MODELS.lock:
+        _, model, encoder = MODELS.get(folder)
+        base, tuned = evaluate.caption_pair(model, encoder, image, prompt)
+    log.info("compare on %s took %.1f s", run, time.time() - started)
+    return base, tuned
+
+
+@guarded
+def held_out_sample(context: AppContext, run: str | None, position: int):
+    """The next held-out sample of the run: its image, question and reference answer."""
+    if not run:
+        raise gr.Error("Pick a finished run first.")
+    folder_run = evaluate.open_run(run_dir(context, run))
+    samples, source, _ = evaluate.load_test_samples(folder_run, None, None)
+    with_image = [s for s in samples if s.images] or samples
+    sample: Sample = with_image[int(position) % len(with_image)]
+    messages, reference = evaluate.prompt_and_reference(sample)
+    question = messages[-1]["content"].replace(chat.IMAGE, "").strip()
+    image = source.open(sample.images[0]) if sample.images and source is not None else None
+    shown = f"Held-out sample <b>{html.escape(sample.id)}</b> · reference answer: <i>{html.escape(reference)}</i>"
+    return image, question, f'<div class="l2t-hint">{shown}</div>', int(position) + 1
+
+
+def report_html(folder: Path | None) -> str:
+    report = folder / runs.EVAL / "report.html" if folder is not None else None
+    if report is None or not report.exists():
+        return notice("No batch evaluation of this run yet.", "info")
+    url = f"gradio_api/file={quote(str(report.resolve()))}"
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(report.stat().st_mtime))
+    return (
+        f'<div class="l2t-hint">Report of {stamp} · <a href="{html.escape(url)}" target="_blank">open in a new tab</a></div>'
+        f'<iframe class="eval-report" src="{html.escape(url)}"></iframe>'
+    )
+
+
+@guarded
+def show_report(context: AppContext, run: str | None):
+    return report_html(run_dir(context, run) if run else None)
+
+
+@guarded
+def run_evaluation(context: AppContext, run: str | None, others: list[str] | None):
+    if not run:
+        raise gr.Error("Pick a finished run first.")
+    folder = run_dir(context, run)
+    extra = [str(run_dir(context, name)) for name in (others or []) if name != run]
+    command = module_command("l2t.evaluate", str(folder), *(["--compare", *extra] if extra else []))
+    job = context.jobs.start("evaluate", command, folder, folder / EVAL_LOG)
+    names = ", ".join([run, *[Path(p).name for p in extra]])
+    while job.running:
+        yield notice(f"Evaluating {names}… ({time.time() - job.started:.0f} s)", "info"), log_tail(job.log_path), gr.update()
+        time.sleep(1.0)
+    tail = log_tail(job.log_path)
+    if job.returncode != 0:
+        yield notice(error_in_log(tail), "error", "The evaluation failed:"), tail, gr.update()
+        return
+    yield notice(f"Evaluated in {time.time() - job.started:.0f} s.", "ok"), tail, report_html(folder)
+
+
+def build_compare_tab(context: AppContext, demo: gr.Blocks) -> None:
+    with gr.Row():
+        run = gr.Dropdown(label="Run", choices=[], scale=4, allow_custom_value=True, elem_id="compare-run")
+        refresh = gr.Button("↻ Refresh runs", scale=1)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, elem_classes="l2t-card"):
+            upload = gr.File(label="Upload an image", file_types=["image"], height=110)
+            picture = gr.Image(label="Image", type="pil", format="png", interactive=False, height=220, buttons=[])
+            sample_button = gr.Button("Try a held-out sample")
+            reference = gr.HTML()
+            prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2)
+            go = gr.Button("Compare base and tuned", variant="primary", elem_id="compare-button")
+        with gr.Column(scale=3):
+            with gr.Row(equal_height=True):
+                base = gr.Textbox(label="Base model", lines=6, interactive=False, elem_id="base-answer", elem_classes="answer-box")
+                tuned = gr.Textbox(
+                    label="Tuned model (base + adapter)",
+                    lines=6,
+                    interactive=False,
+                    elem_id="tuned-answer",
+                    elem_classes="answer-box answer-tuned",
+                )
+            gr.Markdown(
+                "Both answers come from the same weights and greedy decoding; the base answer has the adapter "
+                "(and the trained projector) switched off.",
+                elem_classes="l2t-hint",
+            )
+    gr.Markdown("### Batch evaluation")
+    with gr.Row():
+        others = gr.Dropdown(
+            label="A/B: also evaluate these runs on the same samples", choices=[], multiselect=True, allow_custom_value=True, scale=4
+        )
+        evaluate_button = gr.Button("Run the batch evaluation", scale=1)
+    eval_status = gr.HTML()
+    with gr.Accordion("evaluate.log", open=False):
+        eval_log = gr.Textbox(show_label=False, lines=10, max_lines=10, autoscroll=True, interactive=False, elem_classes="l2t-log")
+    report = gr.HTML(report_html(None))
+    position = gr.State(0)
+
+    def refresh_runs(current):
+        return run_choices(context, current), gr.update(choices=list_runs(context, with_adapter=True))
+
+    refresh.click(refresh_runs, run, [run, others], api_visibility="private")
+    demo.load(refresh_runs, run, [run, others], api_visibility="private")
+    run.change(lambda name: show_report(context, name), run, report, api_visibility="private")
+    upload.upload(lambda name, path: check_image(context, name, path), [run, upload], picture, api_name="check_image")
+    sample_button.click(
+        lambda name, pos: held_out_sample(context, name, pos),
+        [run, position],
+        [picture, prompt, reference, position],
+        api_name="held_out_sample",
+    )
+    go.click(lambda name, image, text: compare(context, name, image, text), [run, picture, prompt], [base, tuned], api_name="compare")
+
+    def evaluate_clicked(name, names):
+        yield from run_evaluation(context, name, names)
+
+    evaluate_button.click(evaluate_clicked, [run, others], [eval_status, eval_log, report], api_name="run_evaluation")

@@ -1,0 +1,225 @@
+"""The Data tab: pick data, see the validation report, the samples, the loss mask and the task templates."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from app import datasets, uploads
+from app.common import AppContext, guarded, notice
+from app.datasets import DataSelection
+from app.mask_view import legend_html
+from l2t.config import LOSS_MODES, load_config
+from l2t.models import ModelError
+
+log = logging.getLogger("app.data")
+
+EMPTY_REPORT = notice(
+    "No data loaded yet. Press “Use the demo data”, upload a LLaVA / messages JSON file with an image .zip, or give paths on the server.",
+    "info",
+)
+
+
+def _mask(selection: DataSelection, preset: str, index: float, mode: str) -> str:
+    """The mask preview, or why it can't be drawn (the preset's tokenizer may not be downloadable here)."""
+    try:
+        return datasets.preview(selection, preset, index, mode)
+    except ModelError as exc:
+        log.info("mask preview with preset %s: %s", preset, exc)
+        return notice(f"The mask preview needs the tokenizer of preset '{preset}', which can't be loaded here: {exc}", "warn")
+
+
+def _shown(selection: DataSelection, preset: str, mode: str):
+    """Everything the tab shows for a freshly loaded selection."""
+    inspection = datasets.inspect_data(selection, preset)
+    last = max(len(inspection.samples) - 1, 0)
+    sample = inspection.samples[0]
+    return (
+        selection,
+        datasets.report_html(inspection, selection.label),
+        datasets.gallery_items(inspection),
+        gr.update(value=0, maximum=max(last, 1), interactive=last > 0),
+        datasets.template_rows(inspection, selection),
+        datasets.sample_image(inspection, sample),
+        datasets.conversation_html(sample),
+        _mask(selection, preset, 0, mode),
+    )
+
+
+@guarded
+def use_demo_data(preset: str, mode: str):
+    return _shown(datasets.demo_selection(), preset, mode)
+
+
+@guarded
+def load_upload(context: AppContext, data_file, images_zip, preset: str, mode: str, session_hash: str | None):
+    if not data_file:
+        raise gr.Error("Choose a data file (.json or .jsonl) to upload first.")
+    data_path, images_path = uploads.store_upload(context.uploads_dir, session_hash, data_file, images_zip)
+    log.info("upload stored in %s", data_path.parent)
+    label = Path(data_file).name + (f" + {Path(images_zip).name}" if images_zip else "")
+    return _shown(DataSelection(label, str(data_path), str(images_path or "")), preset, mode)
+
+
+@guarded
+def load_server_paths(context: AppContext, data_path: str, images_path: str, preset: str, mode: str):
+    if not context.allow_server_paths:
+        raise gr.Error("Reading files on the server is off for this public link (start the app with --auth to allow it).")
+    data_path, images_path = (data_path or "").strip(), (images_path or "").strip()
+    data = Path(data_path).expanduser()
+    if not data_path or not data.is_file():
+        raise gr.Error(f"No data file at '{data_path}'.")
+    images = Path(images_path).expanduser() if images_path else None
+    if images is not None and not images.exists():
+        raise gr.Error(f"No image folder or .zip at '{images_path}'.")
+    selection = DataSelection(str(data), str(data.resolve()), str(images.resolve()) if images else "")
+    return _shown(selection, preset, mode)
+
+
+@guarded
+def show_sample(selection: DataSelection | None, preset: str, index: float, mode: str):
+    if selection is None:
+        return None, "", ""
+    inspection = datasets.inspect_data(selection, preset)
+    sample = inspection.samples[max(0, min(int(index), len(inspection.samples) - 1))]
+    return (
+        datasets.sample_image(inspection, sample),
+        datasets.conversation_html(sample),
+        _mask(selection, preset, index, mode),
+    )
+
+
+@guarded
+def pick_from_gallery(selection: DataSelection | None, preset: str, mode: str, event: gr.SelectData):
+    return (event.index, *show_sample(selection, preset, event.index, mode))
+
+
+@guarded
+def edit_templates(rows, selection: DataSelection | None, preset: str, index: float, mode: str):
+    if selection is None:
+        return selection, gr.update(), ""
+    inspection = datasets.inspect_data(selection, preset)
+    values = rows.values.tolist() if hasattr(rows, "values") else rows
+    selection = datasets.edits_from_rows(values, inspection, selection)
+    return selection, datasets.template_rows(inspection, selection), _mask(selection, preset, index, mode)
+
+
+@guarded
+def add_template(text: str, selection: DataSelection | None, preset: str, index: float, mode: str):
+    if selection is None:
+        raise gr.Error("Load data first: templates are mined from it.")
+    if not text.strip():
+        raise gr.Error("Type the sentence to treat as a task template.")
+    inspection = datasets.inspect_data(selection, preset)
+    try:
+        selection = datasets.add_template(selection, inspection, text)
+    except ValueError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    return selection, datasets.template_rows(inspection, selection), _mask(selection, preset, index, mode), ""
+
+
+def _sources(context: AppContext) -> SimpleNamespace:
+    with gr.Column(scale=2, min_width=300, elem_classes="l2t-card"):
+        gr.Markdown("#### Choose data")
+        demo = gr.Button("Use the demo data", variant="primary")
+        gr.Markdown("Synthetic shapes with known answers: trains on a CPU in a minute.", elem_classes="l2t-hint")
+        with gr.Accordion("Upload your own", open=True):
+            data_file = gr.File(label="Data file: LLaVA or messages JSON / JSONL", file_types=[".json", ".jsonl"], height=120)
+            images_zip = gr.File(label="Images: a .zip (paths in the data are relative to its root)", file_types=[".zip"], height=120)
+            upload = gr.Button("Load the upload")
+        with gr.Accordion("…or files on the server", open=False, visible=context.allow_server_paths):
+            server_data = gr.Textbox(label="Data file path", placeholder="/data/my_set/train.json")
+            server_images = gr.Textbox(label="Image folder or .zip (default: the data file's folder)")
+            server = gr.Button("Load from the server")
+    return SimpleNamespace(
+        demo=demo, data_file=data_file, images_zip=images_zip, upload=upload,
+        server_data=server_data, server_images=server_images, server=server,
+    )  # fmt: skip
+
+
+def _preview_section(default_mode: str) -> SimpleNamespace:
+    gr.Markdown("### What the model learns from: the loss mask")
+    gr.HTML(legend_html())
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=260):
+            index = gr.Slider(0, 1, value=0, step=1, label="Sample", interactive=False)
+            mode = gr.Dropdown(
+                list(LOSS_MODES),
+                value=default_mode,
+                label="Loss mode",
+                info="l2t = instruction + response, minus system and task templates",
+            )
+            picture = gr.Image(label="Image", interactive=False, height=200, buttons=[])
+            conversation = gr.HTML()
+        with gr.Column(scale=3):
+            mask = gr.HTML(elem_id="mask-preview")
+    return SimpleNamespace(index=index, mode=mode, picture=picture, conversation=conversation, mask=mask)
+
+
+def _templates_section() -> SimpleNamespace:
+    gr.Markdown(
+        "### Task templates\n"
+        "Sentences pasted into many instructions carry no information about the image, so L2T keeps them out of the loss. "
+        "Ticked sentences are masked (kept out of the loss). Untick one to keep it in the loss (`templates.remove`), or add your own (`templates.add`)."
+    )
+    table = gr.Dataframe(
+        headers=datasets.TEMPLATE_HEADERS,
+        datatype=["bool", "str", "number", "str", "str"],
+        type="array",
+        interactive=True,
+        static_columns=[1, 2, 3, 4],
+        column_widths=["12%", "58%", "10%", "8%", "12%"],
+        max_height=320,
+        label="Mined from the training split",
+        elem_id="templates-table",
+    )
+    with gr.Row():
+        new_sentence = gr.Textbox(
+            label="Add a task template", placeholder="Answer with the option's letter from the given choices directly.", scale=4
+        )
+        add = gr.Button("Add", scale=1)
+    return SimpleNamespace(table=table, new_sentence=new_sentence, add=add)
+
+
+def build_data_tab(context: AppContext, preset: gr.Dropdown, selection: gr.State) -> None:
+    """The Data tab; `selection` (per session) receives the chosen data and template edits."""
+    default_mode = load_config(preset.value).loss.mode
+    with gr.Row(equal_height=False):
+        src = _sources(context)
+        with gr.Column(scale=5):
+            report = gr.HTML(EMPTY_REPORT, elem_id="data-report")
+            gallery = gr.Gallery(
+                label="Samples (click one to see its mask)",
+                show_label=False,
+                columns=7,
+                height=360,
+                object_fit="contain",
+                allow_preview=False,
+                buttons=[],
+                elem_id="data-gallery",
+            )
+    view = _preview_section(default_mode)
+    tpl = _templates_section()
+
+    shown = [selection, report, gallery, view.index, tpl.table, view.picture, view.conversation, view.mask]
+    src.demo.click(use_demo_data, [preset, view.mode], shown, api_name="use_demo_data")
+
+    def upload_clicked(data_file, images_zip, preset_name, mode, request: gr.Request):
+        return load_upload(context, data_file, images_zip, preset_name, mode, request.session_hash)
+
+    def server_clicked(data_path, images_path, preset_name, mode):
+        return load_server_paths(context, data_path, images_path, preset_name, mode)
+
+    src.upload.click(upload_clicked, [src.data_file, src.images_zip, preset, view.mode], shown, api_name="load_upload")
+    src.server.click(server_clicked, [src.server_data, src.server_images, preset, view.mode], shown, api_name="load_server_paths")
+    sample_view = [view.picture, view.conversation, view.mask]
+    inputs = [selection, preset, view.index, view.mode]
+    view.index.release(show_sample, inputs, sample_view, api_name="mask_preview")
+    view.mode.input(show_sample, inputs, sample_view, api_visibility="private")
+    preset.change(show_sample, inputs, sample_view, api_visibility="private")
+    gallery.select(pick_from_gallery, [selection, preset, view.mode], [view.index, *sample_view], api_visibility="private")
+    tpl.table.input(edit_templates, [tpl.table, *inputs], [selection, tpl.table, view.mask], api_name="edit_templates")
+    tpl.add.click(add_template, [tpl.new_sentence, *inputs], [selection, tpl.table, view.mask, tpl.new_sentence], api_name="add_template")

@@ -1,0 +1,272 @@
+"""The data a session picked, and what the Data tab shows about it.
+
+A `DataSelection` (kept per browser session) is a data file, its image root
+and the user's edits to the mined task templates. Everything shown is read
+through the library: `l2t.train.prepare_data` loads and checks the data,
+splits off the held-out part and mines the templates exactly as a training run
+of the chosen preset will; `l2t.masking` encodes a sample and says which
+tokens are in the loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from app.mask_view import mask_html
+from l2t import chat
+from l2t.config import ConfigError, load_config
+from l2t.data import REASONS, DataReport, Sample
+from l2t.images import ImageError
+from l2t.masking import Encoder, preview_tokens
+from l2t.synthetic import bundled_dir
+from l2t.templates import TaskTemplate, apply_edits
+
+GALLERY_SIZE = 48
+THUMBNAIL_PX = 160
+REPORT_EXAMPLES = 3
+
+
+@dataclass(frozen=True)
+class DataSelection:
+    label: str
+    """What the user sees: 'demo data', an uploaded file's name, a server path."""
+    path: str
+    """The data file (absolute)."""
+    images: str = ""
+    """Image folder or .zip (absolute); empty: the data file's folder."""
+    demo: bool = False
+    remove: tuple[str, ...] = field(default_factory=tuple)
+    """Mined task templates the user unticked (templates.remove)."""
+    add: tuple[str, ...] = field(default_factory=tuple)
+    """Sentences the user added as task templates (templates.add)."""
+
+
+def demo_selection() -> DataSelection:
+    root = bundled_dir()
+    return DataSelection("demo data (synthetic shapes)", str(root / "train.json"), str(root), demo=True)
+
+
+def data_overrides(selection: DataSelection, preset: str, for_training: bool) -> list[str]:
+    """The data.* config overrides for `selection`.
+
+    For a training run of a preset whose own default data is the demo set (the
+    tiny preset: with its held-out test split), the demo needs no override.
+    """
+    if for_training and selection.demo and preset_defaults_to_demo(preset):
+        return []
+    values = [f"data.path={json.dumps(selection.path)}"]
+    if selection.images:
+        values.append(f"data.images={json.dumps(selection.images)}")
+    return values
+
+
+@functools.lru_cache(maxsize=16)
+def preset_defaults_to_demo(preset: str) -> bool:
+    from l2t.train import data_paths
+
+    try:
+        path, _, _ = data_paths(load_config(preset))
+    except ConfigError:
+        return False
+    return path.resolve() == (bundled_dir() / "train.json").resolve()
+
+
+def template_overrides(selection: DataSelection) -> list[str]:
+    values = []
+    if selection.remove:
+        values.append(f"templates.remove={json.dumps(list(selection.remove))}")
+    if selection.add:
+        values.append(f"templates.add={json.dumps(list(selection.add))}")
+    return values
+
+
+# ---------------------------------------------------------------- loading (cached)
+
+
+@dataclass
+class Inspection:
+    samples: list[Sample]
+    """The training split, as a run of the preset will train on it."""
+    held_out: int
+    report: DataReport
+    mined: list[TaskTemplate]
+    images: object
+    """l2t.images.ImageSource or None."""
+
+
+_cache: dict[tuple, Inspection] = {}
+_cache_lock = threading.Lock()
+
+
+def _stamp(path: str) -> tuple:
+    try:
+        stat = Path(path).stat()
+        return (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        return (0, 0)
+
+
+def inspect_data(selection: DataSelection, preset: str) -> Inspection:
+    """Load, check and mine the selection as a run of `preset` would (cached per file version)."""
+    from l2t.train import prepare_data
+
+    key = (preset, selection.path, selection.images, _stamp(selection.path), _stamp(selection.images))
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+    config = load_config(preset, overrides=data_overrides(selection, preset, for_training=False))
+    prepared = prepare_data(config)
+    inspection = Inspection(prepared.train, len(prepared.held_out), prepared.report, prepared.templates, prepared.images)
+    with _cache_lock:
+        if len(_cache) >= 8:
+            _cache.pop(next(iter(_cache)))
+        _cache[key] = inspection
+    return inspection
+
+
+@functools.lru_cache(maxsize=4)
+def processor_for(preset: str):
+    from l2t.models import load_processor
+
+    return load_processor(load_config(preset).model)
+
+
+# ---------------------------------------------------------------- what the tab shows
+
+
+def report_html(inspection: Inspection, label: str) -> str:
+    report = inspection.report
+    skipped = report.total - report.ok
+    kind = "ok" if not skipped else "warn"
+    split = f" ({len(inspection.samples)} to train on, {inspection.held_out} held out)" if inspection.held_out else ""
+    head = (
+        f'<div class="l2t-notice l2t-{kind}"><b>{html.escape(label)}</b>: '
+        f"{report.ok} of {report.total} samples usable{split}"
+        + (f", {skipped} skipped" if skipped else "")
+        + f" · {len(inspection.mined)} task templates mined</div>"
+    )
+    if not report.problems:
+        return head
+    rows = []
+    for code, count in report.counts().items():
+        examples = [p for p in report.problems if p.code == code][:REPORT_EXAMPLES]
+        shown = "".join(f"<li><code>{html.escape(p.sample)}</code>: {html.escape(p.message)}</li>" for p in examples)
+        rows.append(
+            f"<tr><td><code>{html.escape(code)}</code></td><td>{count}</td>"
+            f"<td>{html.escape(REASONS.get(code, code))}<ul>{shown}</ul></td></tr>"
+        )
+    table = (
+        f'<table class="l2t-report"><tr><th>reason</th><th>samples</th><th>what it means, with examples</th></tr>{"".join(rows)}</table>'
+    )
+    return head + table
+
+
+def _text_only_tile() -> Image.Image:
+    tile = Image.new("RGB", (THUMBNAIL_PX, THUMBNAIL_PX), (241, 245, 249))
+    ImageDraw.Draw(tile).text((THUMBNAIL_PX // 2 - 26, THUMBNAIL_PX // 2 - 6), "text only", fill=(100, 116, 139))
+    return tile
+
+
+def sample_image(inspection: Inspection, sample: Sample) -> Image.Image:
+    """The sample's first image, scaled for display (a placeholder for text-only samples)."""
+    if not sample.images or inspection.images is None:
+        return _text_only_tile()
+    try:
+        image = inspection.images.open(sample.images[0])
+    except ImageError:
+        return _text_only_tile()
+    scale = THUMBNAIL_PX / max(image.size)
+    if scale > 1:  # small synthetic images: scale up crisply instead of letting the browser blur them
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+    else:
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return image
+
+
+def first_question(sample: Sample, limit: int = 70) -> str:
+    text = next((m["content"] for m in sample.messages if m["role"] == "user"), "")
+    text = " ".join(text.replace(chat.IMAGE, " ").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def gallery_items(inspection: Inspection) -> list[tuple[Image.Image, str]]:
+    return [(sample_image(inspection, s), first_question(s)) for s in inspection.samples[:GALLERY_SIZE]]
+
+
+def conversation_html(sample: Sample) -> str:
+    turns = []
+    for m in sample.messages:
+        text = html.escape(m["content"]).replace(html.escape(chat.IMAGE), '<span class="conv-image">image</span> ')
+        turns.append(f'<div class="conv-turn conv-{m["role"]}"><span class="conv-role">{m["role"]}</span>{text}</div>')
+    return f'<div class="conv"><div class="conv-id">sample {html.escape(sample.id)}</div>{"".join(turns)}</div>'
+
+
+def effective_templates(inspection: Inspection, selection: DataSelection) -> list[TaskTemplate]:
+    return apply_edits(inspection.mined, selection.add, selection.remove)
+
+
+def preview(selection: DataSelection, preset: str, index: int, mode: str) -> str:
+    """The coloured mask of sample `index` under loss `mode`, as the preset's tokenizer splits it."""
+    inspection = inspect_data(selection, preset)
+    sample = inspection.samples[max(0, min(int(index), len(inspection.samples) - 1))]
+    config = load_config(preset)
+    templates = effective_templates(inspection, selection)
+    encoder = Encoder(processor_for(preset), chat.FORMATS[config.model.prompt_format], [t.sentence for t in templates])
+    encoded = encoder.encode(sample.messages, sample.image_sizes)
+    tokens = preview_tokens(encoded, encoder.tokenizer, mode)
+    in_loss = sum(flag for _, _, flag in tokens)
+    caption = (
+        f"sample {sample.id} · {len(tokens)} tokens, {in_loss} in the loss · "
+        f"loss mode {mode} · tokenizer of preset {preset} · {len(templates)} task templates"
+    )
+    return mask_html(tokens, caption)
+
+
+# ---------------------------------------------------------------- the template table
+
+TEMPLATE_HEADERS = ["masked", "sentence", "samples", "share", "source"]
+
+
+def template_rows(inspection: Inspection, selection: DataSelection) -> list[list]:
+    removed = set(selection.remove)
+    rows = [[t.sentence not in removed, t.sentence, t.count, f"{t.fraction:.1%}", "mined"] for t in inspection.mined]
+    mined = {t.sentence for t in inspection.mined}
+    rows += [[True, sentence, 0, "–", "added by you"] for sentence in selection.add if sentence not in mined]
+    return rows
+
+
+def _ticked(value) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
+def edits_from_rows(rows: list[list], inspection: Inspection, selection: DataSelection) -> DataSelection:
+    """The selection with templates.remove / templates.add read off the edited table."""
+    mined = {t.sentence for t in inspection.mined}
+    remove, add = [], []
+    for row in rows:
+        if len(row) < 2 or not str(row[1]).strip():
+            continue
+        sentence, keep = str(row[1]), _ticked(row[0])
+        if sentence in mined and not keep:
+            remove.append(sentence)
+        elif sentence not in mined and keep:
+            add.append(sentence)
+    return replace(selection, remove=tuple(remove), add=tuple(add))
+
+
+def add_template(selection: DataSelection, inspection: Inspection, text: str) -> DataSelection:
+    """Add one sentence as a task template; ValueError (from the library) if it isn't one sentence."""
+    added = apply_edits([], [text])  # validates: exactly one sentence, no image placeholder
+    sentence = added[0].sentence
+    if sentence in {t.sentence for t in inspection.mined}:
+        return replace(selection, remove=tuple(s for s in selection.remove if s != sentence))
+    if sentence in selection.add:
+        return selection
+    return replace(selection, add=(*selection.add, sentence))

@@ -1,0 +1,141 @@
+"""The Export tab: merge a run into its base model (with the parity check), or download the adapter.
+
+The merge is `python -m l2t.merge RUN_DIR --out RUN_DIR/merged` as a
+subprocess; the page follows its log and then shows merge_report.json. The
+adapter zip is built in the run folder, so it is served from there.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+
+from app.common import AppContext, guarded, notice, run_choices, run_dir
+from app.jobs import module_command
+from app.run_view import error_in_log, log_tail
+from l2t import evaluate, runs
+from l2t.merge import REPORT, parity_lines
+
+MERGED = "merged"
+MERGE_LOG = "merge.log"
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def result_html(out: Path) -> str:
+    """The parity verdict and where the merged model is, from OUT/merge_report.json."""
+    path = out / REPORT
+    if not path.exists():
+        return notice("Not merged yet.", "info")
+    report = runs.read_json(path)
+    parity = report.get("parity")
+    kind = "warn" if parity is None else ("ok" if parity.get("passed") else "error")
+    headline, *details = parity_lines(report)
+    lines = "".join(f"<li>{html.escape(line.lstrip('- '))}</li>" for line in details)
+    return (
+        f'<div class="l2t-notice l2t-{kind}" id="parity-result"><b>{html.escape(headline)}</b><ul class="parity">{lines}</ul></div>'
+        f'<div class="merged-at">Merged model: <code>{html.escape(str(out.resolve()))}</code> · '
+        f"{_size(out) / 1024**2:,.1f} MB · {html.escape(str(report.get('dtype')))} · "
+        "loads with <code>AutoModelForImageTextToText.from_pretrained</code> and <code>AutoProcessor.from_pretrained</code></div>"
+    )
+
+
+@guarded
+def show_result(context: AppContext, run: str | None):
+    if not run:
+        return notice("Pick a finished run.", "info"), None
+    out = run_dir(context, run) / MERGED
+    report = runs.read_json(out / REPORT) if (out / REPORT).exists() else None
+    return result_html(out), report
+
+
+@guarded
+def merge(context: AppContext, run: str | None):
+    if not run:
+        raise gr.Error("Pick a finished run first (train one in the Train tab).")
+    folder = run_dir(context, run)
+    evaluate.open_run(folder)  # a clear message if the run has no adapter yet
+    out = folder / MERGED
+    command = module_command("l2t.merge", str(folder), "--out", str(out), "--overwrite")
+    job = context.jobs.start("merge", command, folder, folder / MERGE_LOG)
+    while job.running:
+        tail = log_tail(job.log_path)
+        last = tail.splitlines()[-1] if tail else "starting"
+        yield notice(f"Merging… ({time.time() - job.started:.0f} s) {last[:160]}", "info"), tail, gr.update()
+        time.sleep(1.0)
+    tail = log_tail(job.log_path)
+    if job.returncode != 0:
+        yield notice(error_in_log(tail), "error", "The merge failed:"), tail, None
+        return
+    yield result_html(out), tail, runs.read_json(out / REPORT)
+
+
+@guarded
+def adapter_zip(context: AppContext, run: str | None) -> str:
+    """RUN_DIR/<run>-adapter.zip with the adapter folder (and the run's config and templates)."""
+    if not run:
+        raise gr.Error("Pick a finished run first.")
+    folder = run_dir(context, run)
+    adapter = folder / runs.ADAPTER
+    evaluate.open_run(folder)
+    target = folder / f"{run}-adapter.zip"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapter-zip.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(adapter.rglob("*")):
+                if path.is_file():
+                    archive.write(path, f"{run}/adapter/{path.relative_to(adapter)}")
+            for name in (runs.CONFIG, runs.TEMPLATES):
+                if (folder / name).exists():
+                    archive.write(folder / name, f"{run}/{name}")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return str(target)
+
+
+def build_export_tab(context: AppContext, demo: gr.Blocks) -> None:
+    with gr.Row():
+        run = gr.Dropdown(label="Run", choices=[], scale=4, allow_custom_value=True, elem_id="export-run")
+        refresh = gr.Button("↻ Refresh runs", scale=1)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, elem_classes="l2t-card"):
+            gr.Markdown(
+                "#### Merge into the base model\n"
+                "The adapter is folded into a full-precision copy of the base model (never the 4-bit one), then checked: "
+                "the merged model must give the same answers and logits as base + adapter. The result is a plain "
+                "transformers folder that needs neither peft nor this project."
+            )
+            merge_button = gr.Button("Merge and check", variant="primary", elem_id="merge-button")
+            result = gr.HTML(notice("Pick a finished run.", "info"))
+            with gr.Accordion("merge.log and merge_report.json", open=False):
+                merge_log = gr.Textbox(
+                    label="merge.log", lines=10, max_lines=10, autoscroll=True, interactive=False, elem_classes="l2t-log"
+                )
+                report = gr.JSON(label="merge_report.json")
+        with gr.Column(scale=2, elem_classes="l2t-card"):
+            gr.Markdown("#### Download the adapter\nA few MB: load it on top of the base model with `PeftModel.from_pretrained`.")
+            zip_button = gr.Button("Zip the adapter")
+            download = gr.File(label="Adapter (.zip)", interactive=False, height=90)
+
+    def refresh_runs(current):
+        return run_choices(context, current)
+
+    refresh.click(refresh_runs, run, run, api_visibility="private")
+    demo.load(refresh_runs, run, run, api_visibility="private")
+    run.change(lambda name: show_result(context, name), run, [result, report], api_visibility="private")
+
+    def merge_clicked(name):
+        yield from merge(context, name)
+
+    merge_button.click(merge_clicked, run, [result, merge_log, report], api_name="merge")
+    zip_button.click(lambda name: adapter_zip(context, name), run, download, api_name="adapter_zip")

@@ -1,0 +1,271 @@
+"""The web UI through its API (gradio_client), against the app launched in this process.
+
+One server for the module: load the demo data, check the report and the mask,
+train a short run in a subprocess while a second start is refused, follow it
+to the end, compare base and tuned answers, merge with the parity check. Bad
+uploads (zip-slip, corrupt and oversized images) get messages, not files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import struct
+import time
+import zipfile
+import zlib
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TRAIN_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_cache):
+    from app.ui import create, serve
+
+    root = tmp_path_factory.mktemp("ui")
+    demo, context = create(root / "runs", root / "uploads")
+    port = free_port()
+    serve(demo, context, port=port, block=False)  # the default host
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=root / "downloads")
+    yield SimpleNamespace(demo=demo, context=context, client=client, root=root)
+    context.jobs.stop_all()
+    demo.close()
+
+
+def state_of(status_html: str) -> str:
+    return re.search(r'data-state="(\w+)"', status_html).group(1)
+
+
+def step_of(status_html: str) -> int:
+    found = re.search(r"step <b>(\d+)</b>", status_html)
+    return int(found.group(1)) if found else 0
+
+
+def poll_until(client: Client, done, timeout: float = TRAIN_TIMEOUT_S) -> tuple:
+    """/train_progress until done(status_html) holds; returns (status, plot, log)."""
+    deadline = time.time() + timeout
+    while True:
+        status, plot, log = client.predict(api_name="/train_progress")
+        if done(status) or time.time() > deadline:
+            return status, plot, log
+        time.sleep(0.5)
+
+
+def ended(status_html: str) -> bool:
+    return state_of(status_html) not in ("preparing", "running", "stopping")
+
+
+def start_kwargs(client: Client, **by_label) -> dict:
+    """/start_training's arguments: every widget at its default, then the ones named by their label."""
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start_training"]["parameters"]
+    kwargs = {p["parameter_name"]: p.get("parameter_default") for p in params}
+    names = {p["label"]: p["parameter_name"] for p in params}
+    return {**kwargs, **{names[label]: value for label, value in by_label.items()}}
+
+
+def png_bytes(size=(16, 16), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (no need to hold them in memory)."""
+    data = bytearray(png_bytes((8, 8)))
+    struct.pack_into(">II", data, 16, width, height)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def llava_record(sample_id: str, image: str) -> dict:
+    return {"id": sample_id, "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "A red square."}]}  # fmt: skip
+
+
+def test_binds_to_localhost_by_default(app):
+    from app.__main__ import parse_args
+
+    assert parse_args([]).host == "127.0.0.1"
+    assert parse_args([]).share is False
+    assert app.demo.server_name == "127.0.0.1"
+
+
+def test_demo_data_report_and_mask(app):
+    report, gallery, index, templates, picture, conversation, mask = app.client.predict("tiny", "l2t", api_name="/use_demo_data")
+    assert "240 of 240 samples usable" in report
+    assert len(gallery) > 10 and index["maximum"] == 239
+    sentences = {row[1]: row for row in templates["data"]}
+    assert sentences["Answer yes or no."][0] is True and sentences["Answer yes or no."][2] == 70
+    # Sample 0 asks "Do you see a large red circle at the top? Answer yes or no."
+    assert "Do you see" in conversation
+    assert "tok-instruction tok-in" in mask and "tok-task_template tok-out" in mask and "tok-image tok-out" in mask
+    _, _, response_only = app.client.predict("tiny", 0, "response", api_name="/mask_preview")
+    assert "tok-instruction tok-out" in response_only and "tok-instruction tok-in" not in response_only
+
+    # Unticking a template puts it back in the loss, and the run config will say so.
+    rows = [[row[1] != "Answer yes or no.", *row[1:]] for row in templates["data"]]
+    _, after = app.client.predict({"headers": templates["headers"], "data": rows}, "tiny", 0, "l2t", api_name="/edit_templates")
+    in_loss = [int(re.search(r"(\d+) in the loss", html).group(1)) for html in (mask, after)]
+    assert in_loss[1] > in_loss[0] and "tok-task_template" not in after  # its tokens are instruction now
+
+    # An added sentence is masked like a mined one; it must be exactly one sentence.
+    question = "Do you see a large red circle at the top?"
+    rows, added, _ = app.client.predict(question, "tiny", 0, "l2t", api_name="/add_template")
+    assert [question, 0, "–", "added by you"] == rows["data"][-1][1:]
+    assert "tok-task_template tok-out" in added
+    with pytest.raises(AppError, match="exactly one sentence"):
+        app.client.predict("Two sentences. Not one.", "tiny", 0, "l2t", api_name="/add_template")
+
+
+def test_training_runs_in_a_subprocess_and_a_second_start_is_refused(app):
+    client = app.client
+    settings = {"Max steps (0: use epochs)": 30, "key=value, one per line": "train.preview_samples=0\ntrain.logging_steps=10"}
+    status, _ = client.predict(**start_kwargs(client, **settings, **{"Run name": "ui-run"}), api_name="/start_training")
+    assert state_of(status) in ("preparing", "running")
+    # A second browser (a new session) sees the same job.
+    other_session = Client(client.src, verbose=False, download_files=app.root / "downloads")
+    status, _, _ = other_session.predict(api_name="/train_progress")
+    assert state_of(status) in ("preparing", "running") and "ui-run" in status
+    with pytest.raises(AppError, match="already running"):
+        client.predict(**start_kwargs(client, **settings, **{"Run name": "second-run"}), api_name="/start_training")
+    assert not (app.context.runs_dir / "second-run").exists()
+
+    status, plot, log = poll_until(client, ended)
+    assert state_of(status) == "finished", log
+    assert "step <b>30</b> / 30" in status
+    series = {row[2] for row in plot["data"]}
+    assert series == {"instruction loss", "response loss"}
+    assert "done. run folder" in log and "Traceback" not in log
+
+    run = app.context.runs_dir / "ui-run"
+    launch = yaml.safe_load((run / "launch.yaml").read_text())
+    assert launch["train"] == {"max_steps": 30, "preview_samples": 0, "logging_steps": 10}
+    assert launch["templates"] == {"remove": ["Answer yes or no."], "add": ["Do you see a large red circle at the top?"]}
+    assert [t["sentence"] for t in json.loads((run / "templates.json").read_text())["templates"]].count("Answer yes or no.") == 0
+    assert (run / "adapter" / "adapter_config.json").exists()
+
+
+def test_compare_returns_base_and_tuned_answers(app):
+    picture, prompt, reference = app.client.predict("ui-run", api_name="/held_out_sample")
+    assert prompt and "reference answer" in reference
+    base, tuned = app.client.predict("ui-run", handle_file(picture), prompt, api_name="/compare")
+    assert base.strip() and tuned.strip() and base != tuned
+
+
+def test_export_merges_with_a_passing_parity_check(app):
+    pytest.importorskip("l2t.merge")
+    result, log, report = app.client.predict("ui-run", api_name="/merge")
+    assert report["parity"]["passed"] is True, log
+    assert "Parity check passed" in result
+    merged = app.context.runs_dir / "ui-run" / "merged"
+    assert (merged / "config.json").exists() and any(merged.glob("*.safetensors"))
+    archive = app.client.predict("ui-run", api_name="/adapter_zip")
+    assert "ui-run/adapter/adapter_config.json" in zipfile.ZipFile(archive).namelist()
+
+
+def test_zip_slip_is_rejected_and_nothing_is_written_outside(app, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([llava_record("s1", "../evil.png")]))
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("../evil.png", png_bytes())
+    before = {p for p in app.root.rglob("*")}
+    with pytest.raises(AppError, match=r"'\.\./evil\.png' has an absolute path or '\.\.'"):
+        app.client.predict(handle_file(str(data)), handle_file(str(archive)), "tiny", "l2t", api_name="/load_upload")
+    created = {p for p in app.root.rglob("*")} - before
+    uploads = app.context.uploads_dir
+    assert all(p.is_relative_to(uploads) for p in created)
+    assert not [p for p in created if p.is_file()]  # the refused upload is not kept
+    assert not list(app.root.parent.rglob("evil.png"))
+
+
+def test_bad_images_get_a_message_naming_the_sample(app, tmp_path):
+    data = tmp_path / "data.jsonl"
+    records = [llava_record("good", "a/good.png"), llava_record("broken", "a/broken.png"), llava_record("huge", "a/huge.png")]
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    archive = tmp_path / "pictures.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("a/good.png", png_bytes())
+        z.writestr("a/broken.png", b"\x89PNG\r\n\x1a\n this is not an image")
+        z.writestr("a/huge.png", png_claiming(20_000, 20_000))
+    report, *_ = app.client.predict(handle_file(str(data)), handle_file(str(archive)), "tiny", "l2t", api_name="/load_upload")
+    assert "1 of 3 samples usable" in report
+    assert "image_unreadable" in report and "broken (line 2)" in report
+    assert "image_too_large" in report and "huge (line 3)" in report
+    stored = list(app.context.uploads_dir.rglob("images.zip"))
+    assert len(stored) == 1 and stored[0].read_bytes() == archive.read_bytes()
+
+    corrupt = tmp_path / "photo.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(AppError, match="not a readable image"):
+        app.client.predict("ui-run", handle_file(str(corrupt)), api_name="/check_image")
+
+
+def test_upload_caps_refuse_zip_bombs(tmp_path):
+    from app.uploads import UploadError, store_archive
+
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("zeros.png", b"\0" * 5_000_000)  # compresses to a few kB
+        for i in range(20):
+            z.writestr(f"img/{i}.png", png_bytes())
+    folder = tmp_path / "session"
+    folder.mkdir()
+    with pytest.raises(UploadError, match="would unpack to"):
+        store_archive(archive, folder, max_uncompressed=1_000_000)
+    with pytest.raises(UploadError, match="one image"):
+        store_archive(archive, folder, max_member_bytes=1_000_000)
+    with pytest.raises(UploadError, match="members"):
+        store_archive(archive, folder, max_members=10)
+    assert not any(folder.iterdir())
+    assert store_archive(archive, folder) == folder / "images.zip"
+
+
+def test_stop_saves_a_checkpoint_and_resume_continues(app):
+    client = app.client
+    settings = {"Max steps (0: use epochs)": 100_000, "key=value, one per line": "train.preview_samples=0\ntrain.logging_steps=1"}
+    client.predict(**start_kwargs(client, **settings, **{"Run name": "stop-run"}), api_name="/start_training")
+    poll_until(client, lambda s: state_of(s) == "running" or ended(s))
+    client.predict(api_name="/stop_training")
+    status, _, log = poll_until(client, ended)
+    assert state_of(status) == "stopped", log
+    run = app.context.runs_dir / "stop-run"
+    stopped_at = step_of(status)
+    assert (run / "checkpoints" / f"checkpoint-{stopped_at}" / "trainer_state.json").exists()
+
+    client.predict(api_name="/resume_training")
+    status, _, log = poll_until(client, lambda s: step_of(s) > stopped_at or ended(s))
+    assert state_of(status) == "running" and step_of(status) > stopped_at, log
+    client.predict(api_name="/stop_training")
+    status, _, log = poll_until(client, ended)
+    assert state_of(status) == "stopped" and "Traceback" not in log
+
+
+def test_a_crashed_training_shows_its_error_and_keeps_the_folder(app):
+    kwargs = start_kwargs(app.client, **{"Run name": "broken-run", "key=value, one per line": f"model.hub_id={app.root / 'no-such-model'}"})
+    app.client.predict(**kwargs, api_name="/start_training")
+    status, _, log = poll_until(app.client, ended)
+    assert state_of(status) == "failed"
+    assert "cannot load the processor" in status and "no-such-model" in status
+    assert "Traceback" not in status and "cannot load the processor" in log
+    run = app.context.runs_dir / "broken-run"
+    assert (run / "launch.yaml").exists() and (run / "train.log").exists()

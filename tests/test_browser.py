@@ -1,0 +1,117 @@
+"""The web UI in a real browser: Debian's Chromium driven by Python playwright.
+
+Open the page, load the demo data and see the mask preview, start a short
+training and wait for it to finish, then see the base and tuned answers side
+by side. Screenshots of each step go to the test's tmp folder, and to
+$L2T_ARTIFACTS when it is set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TRAIN_TIMEOUT_MS = 300_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian's Chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)"
+    ),
+]
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory, tiny_cache):
+    from app.ui import create, serve
+
+    root = tmp_path_factory.mktemp("browser-ui")
+    demo, context = create(root / "runs", root / "uploads")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve(demo, context, port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    context.jobs.stop_all()
+    demo.close()
+
+
+@pytest.fixture
+def page(url):
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def screenshot(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("L2T_ARTIFACTS"):
+        target = Path(os.environ["L2T_ARTIFACTS"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+
+
+def test_demo_data_training_and_comparison_in_the_browser(page, tmp_path):
+    expect = playwright_api.expect
+    expect.set_options(timeout=90_000)
+
+    page.get_by_role("button", name="Use the demo data").click()
+    expect(page.locator("#data-report")).to_contain_text("240 of 240 samples usable")
+    expect(page.locator("#mask-preview .tok-instruction.tok-in").first).to_be_visible()
+    expect(page.locator("#mask-preview .tok-task_template.tok-out").first).to_be_visible()
+    screenshot(page, tmp_path, "1-data")
+
+    # Clicking a sample shows its conversation and mask; unticking a template puts it back in the loss.
+    page.get_by_label("Thumbnail 2 of 48").click()
+    expect(page.locator("#mask-preview")).to_contain_text("sample train_00001")
+    page.locator("#templates-table [role=row]", has_text="Answer yes or no.").get_by_test_id("checkbox").click()
+    expect(page.locator("#mask-preview")).to_contain_text("5 task templates")
+    page.get_by_label("Thumbnail 1 of 48").click()
+    expect(page.locator("#mask-preview")).to_contain_text("sample train_00000")
+    expect(page.locator("#mask-preview .tok-task_template")).to_have_count(0)
+
+    page.get_by_role("tab", name="2 · Train").click()
+    page.get_by_label("Max steps (0: use epochs)").fill("30")
+    page.get_by_label("Max steps (0: use epochs)").press("Tab")
+    page.get_by_text("More config keys").click()
+    page.get_by_label("key=value, one per line").fill("train.preview_samples=0")
+    page.get_by_label("Run name").fill("browser-run")
+    page.get_by_label("Run name").press("Tab")
+    expect(page.locator("#train-command")).to_contain_text("train.max_steps=30")
+    expect(page.locator("#train-command")).to_contain_text("templates.remove")
+    page.locator("#start-training").click()
+    expect(page.locator("#train-status [data-state='finished']")).to_be_visible(timeout=TRAIN_TIMEOUT_MS)
+    expect(page.locator("#train-status")).to_contain_text("step 30 / 30")
+    screenshot(page, tmp_path, "2-train")
+
+    page.get_by_role("tab", name="3 · Compare").click()
+    page.get_by_role("button", name="Refresh runs").click()
+    expect(page.locator("#compare-run input")).to_have_value("browser-run")
+    page.get_by_role("button", name="Try a held-out sample").click()
+    expect(page.get_by_text("reference answer")).to_be_visible()
+    page.locator("#compare-button").click()
+    base, tuned = page.locator("#base-answer textarea"), page.locator("#tuned-answer textarea")
+    expect(tuned).not_to_have_value("", timeout=120_000)
+    assert base.input_value().strip() and tuned.input_value().strip()
+    screenshot(page, tmp_path, "3-compare")

@@ -1,0 +1,188 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2t import chat, evaluate, runs
+from l2t.data import load_samples
+from l2t.images import ImageSource
+from l2t.synthetic import bundled_dir
+
+# With the projector zeroed, real and noise images give the same (zero) image
+# features, so both passes see identical inputs.
+ZERO_TOLERANCE = 1e-6
+
+
+def copy_run(source: Path, target: Path, adapter: bool = True) -> Path:
+    """A copy of a run folder to write reports into, without its checkpoints."""
+    ignore = ["checkpoints", runs.EVAL] + ([] if adapter else [runs.ADAPTER])
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*ignore))
+    return target
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained_run, tmp_path_factory) -> Path:
+    return copy_run(trained_run, tmp_path_factory.mktemp("eval") / "tiny-l2t")
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run):
+    return evaluate.load_run(evaluate.open_run(trained_run))
+
+
+@pytest.fixture(scope="module")
+def training_items():
+    """Caption and short-answer samples from the split the run was trained on."""
+    samples, _ = load_samples(bundled_dir() / "train.json", bundled_dir())
+    items, _ = evaluate.load_test_items(samples, ImageSource(bundled_dir()))
+    return [item for item in items if item.kind in ("caption", "short_answer")][:48]
+
+
+def vc_summary(model, encoder, items) -> dict:
+    from l2t.metrics import visual_contribution_summary
+
+    return visual_contribution_summary(evaluate.visual_contribution(model, encoder, items))
+
+
+@pytest.mark.parametrize(
+    ("reference", "has_image", "kind"),
+    [
+        ("Yes", True, "yes_no"),
+        ("No, there is not.", True, "yes_no"),
+        ("left", True, "short_answer"),
+        ("two red circles", True, "short_answer"),
+        ("A large red circle at the top, on a gray background.", True, "caption"),
+        ("A small circle can be red, green, blue or yellow.", False, "text_only"),
+    ],
+)
+def test_sample_kind_is_read_off_the_reference(reference, has_image, kind):
+    assert evaluate.sample_kind(reference, has_image) == kind
+
+
+def test_noise_image_is_fixed_and_sized_like_the_image():
+    first, second = evaluate.noise_image((64, 48)), evaluate.noise_image((64, 48))
+    assert first.size == (64, 48) and first.mode == "RGB"
+    assert first.tobytes() == second.tobytes()
+    assert len(set(first.getdata())) > 1000
+
+
+def test_named_objects_are_parsed_as_whole_words():
+    items = [evaluate.EvalItem("a", "caption", [], "", [], ["dog", "frisbee"]), evaluate.EvalItem("b", "caption", [], "", [], ["cat"])]
+    parse = evaluate.object_parser(items)
+    assert parse("Two Dogs chase a frisbee; no cats, no doghouse.") == {"dog", "frisbee", "cat"}
+    assert evaluate.ground_truth_objects(["Dog"]) == {"dog"}
+    assert evaluate.ground_truth_objects([{"color": "red", "shape": "circle", "size": "small"}]) == {("red", "circle")}
+
+
+def test_visual_contribution_is_positive_for_the_trained_model_on_its_training_data(loaded, training_items):
+    model, encoder = loaded
+    summary = vc_summary(model, encoder, training_items)
+    assert summary["num_sequences"] == len(training_items)
+    assert summary["mean_per_sequence"] > 100 * ZERO_TOLERANCE
+    assert summary["mean_per_token"] > 0
+
+
+def test_visual_contribution_is_zero_when_the_vision_input_is_disconnected(trained_run, training_items):
+    model, encoder = evaluate.load_run(evaluate.open_run(trained_run))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "multi_modal_projector" in name:
+                param.zero_()
+    tuned = evaluate.visual_contribution(model, encoder, training_items[:16])
+    with evaluate.base_model_context(model):
+        base = evaluate.visual_contribution(model, encoder, training_items[:16])
+    for per_token in (tuned, base):
+        assert max(abs(v) for values in per_token for v in values) < ZERO_TOLERANCE
+
+
+def test_caption_pair_base_answer_is_the_model_with_its_adapter_disabled(loaded):
+    model, encoder = loaded
+    image = ImageSource(bundled_dir()).open("images/test_00000.png")
+    prompt = "Describe the image briefly."
+    before, after = evaluate.caption_pair(model, encoder, image, prompt)
+    messages = [{"role": "user", "content": chat.IMAGE + prompt}]
+    with model.disable_adapter():
+        expected_before = evaluate.generate(model, encoder, [(messages, [image])])[0]
+    expected_after = evaluate.generate(model, encoder, [(messages, [image])])[0]
+    assert isinstance(before, str) and isinstance(after, str)
+    assert (before, after) == (expected_before, expected_after)
+    assert before != after
+
+
+def test_report_files_have_every_number_and_one_gallery_row_per_sample(run_dir, capsys):
+    assert evaluate.main([str(run_dir), "--n", "12", "--max-new-tokens", "24"]) == 0
+    eval_dir = run_dir / runs.EVAL
+    report = json.loads((eval_dir / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["base", "tiny-l2t"]
+    assert len(report["sample_ids"]) == 12 == sum(report["kinds"].values())
+    tuned = report["models"][1]["metrics"]
+    assert {"caption", "short_answer", "visual_contribution"} <= set(tuned)
+    assert tuned["visual_contribution"]["num_sequences"] == 12 - report["kinds"]["text_only"]
+    assert report["settings"]["max_new_tokens"] == 24 and report["versions"]["torch"] == torch.__version__
+    page = (eval_dir / "report.html").read_text()
+    assert page.count('<tr class="sample"') == 12
+    assert all(f'id="{sample_id}"' in page for sample_id in report["sample_ids"])
+    assert "http://" not in page and "https://" not in page
+    assert page.count('src="data:image/png;base64,') == 12 - report["kinds"]["text_only"] + 2
+    for chart in ("metrics.png", "visual_contribution.png"):
+        assert (eval_dir / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (eval_dir / "report.md").read_text()
+    assert "| metric | samples | base | tiny-l2t |" in table and "CIDEr-D" in table
+    assert not list(eval_dir.glob("*.tmp"))
+
+
+def test_compare_puts_every_run_in_one_table(run_dir, tmp_path):
+    other = copy_run(run_dir, tmp_path / "tiny-l2t-again")
+    assert evaluate.main([str(run_dir), "--compare", str(other), "--n", "6", "--max-new-tokens", "16"]) == 0
+    report = json.loads((run_dir / runs.EVAL / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["base", "tiny-l2t", "tiny-l2t-again"]
+    for sample in report["samples"]:
+        assert sample["answers"]["tiny-l2t"] == sample["answers"]["tiny-l2t-again"]
+    assert "| metric | samples | base | tiny-l2t | tiny-l2t-again |" in (run_dir / runs.EVAL / "report.md").read_text()
+    assert (run_dir / runs.EVAL / "report.html").read_text().count('<tr class="sample"') == 6
+
+
+def test_a_run_without_an_adapter_is_refused(run_dir, tmp_path, capsys):
+    unfinished = copy_run(run_dir, tmp_path / "unfinished", adapter=False)
+    assert evaluate.main([str(unfinished)]) == 1
+    error = capsys.readouterr().err
+    assert f"{unfinished} has no adapter" in error and "Traceback" not in error
+
+
+def test_a_test_file_without_usable_samples_is_refused(run_dir, tmp_path, capsys):
+    bad = tmp_path / "test.json"
+    bad.write_text(json.dumps([{"id": "q1", "conversations": [{"from": "human", "value": "Hi?"}]}, {"id": "q2"}]))
+    assert evaluate.main([str(run_dir), "--data", str(bad)]) == 1
+    error = capsys.readouterr().err
+    assert str(bad) in error and "no usable samples" in error and "Traceback" not in error
+
+
+def test_a_sample_whose_image_fails_to_load_is_skipped_with_a_note(run_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    records = json.loads((bundled_dir() / "test.json").read_text())[:3]
+    for record in records:
+        shutil.copy(bundled_dir() / record["image"], images)
+    (images / Path(records[1]["image"]).name).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    test_file = tmp_path / "test.json"
+    test_file.write_text(json.dumps(records))
+    assert evaluate.main([str(run_dir), "--data", str(test_file), "--max-new-tokens", "8"]) == 0
+    assert f"skipping sample {records[1]['id']}" in capsys.readouterr().err
+    report = json.loads((run_dir / runs.EVAL / "report.json").read_text())
+    assert report["sample_ids"] == [records[0]["id"], records[2]["id"]]
+    assert [note["sample"].split()[0] for note in report["skipped"]] == [records[1]["id"]]
+    assert "not a readable image" in report["skipped"][0]["reason"]
+    assert "## Skipped samples (1)" in (run_dir / runs.EVAL / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_command_exits_with_a_message_not_a_traceback(tmp_path):
+    missing = tmp_path / "no-such-run"
+    result = subprocess.run([sys.executable, "-m", "l2t.evaluate", str(missing)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"error: run folder {missing} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,84 @@
+"""Every command the README shows is checked here, so the README can't drift from the code.
+
+Cheap commands run as written; training commands are parsed and validated (the
+runs themselves are covered by test_train.py and by CI's `make demo`);
+evaluate and merge run against a real tiny run.
+"""
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def readme_commands() -> list[str]:
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_starts_with_the_two_setup_commands():
+    assert COMMANDS[:2] == ["make demo", "make test"]
+    demo = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "-m l2t.train --preset tiny" in demo and "pip install" in demo
+    test = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "-m pytest" in test
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test" in ci and "make demo" in ci
+
+
+def test_every_readme_command_is_known():
+    known = ("make ", "python -m l2t.", "python -m app", "torchrun ")
+    unknown = [c for c in COMMANDS if not c.startswith(known)]
+    assert not unknown, f"README commands this test does not check: {unknown}"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if "l2t.train" in c])
+def test_training_commands_parse_and_validate(command):
+    from l2t.train import parse_args
+
+    argv = shlex.split(command)
+    config, _ = parse_args(argv[argv.index("l2t.train") + 1 :])
+    assert config.preset in {p.stem for p in (REPO / "presets").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m app")])
+def test_ui_commands_parse(command):
+    from app.__main__ import parse_args
+
+    args = parse_args(shlex.split(command)[3:])
+    assert args.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith(("python -m l2t.data", "python -m l2t.synthetic"))])
+def test_data_commands_run_as_written(command, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    argv = shlex.split(command)
+    module = importlib.import_module(argv[2])
+    args = [str(REPO / a) if a.startswith("l2t/assets") else a for a in argv[3:]]
+    monkeypatch.chdir(tmp_path)  # commands that write do so here
+    assert module.main(args) in (0, None)
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith(("python -m l2t.evaluate", "python -m l2t.merge"))])
+def test_evaluate_and_merge_commands_run(command, trained_run, tmp_path):
+    import importlib
+
+    argv = shlex.split(command)
+    module = importlib.import_module(argv[2])
+    args = [str(trained_run) if a.startswith("runs/") else str(tmp_path / a) if a.startswith("merged/") else a for a in argv[3:]]
+    assert module.main(args) == 0
