@@ -36,8 +36,8 @@ def build_cpu_sized(path: Path) -> None:
 
     from l2t import tiny
     from l2t.chat import FORMATS, to_jinja
-    from l2t.models import load_processor
     from l2t.config import load_config
+    from l2t.models import load_processor
 
     small = load_processor(load_config("tiny").model)
     tokenizer = small.tokenizer

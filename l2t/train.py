@@ -39,7 +39,7 @@ from l2t.config import Config, ConfigError, load_config, save_config
 from l2t.data import DataError, DataReport, Sample, check_lengths, load_samples
 from l2t.images import ImageError, ImageSource
 from l2t.masking import Encoder
-from l2t.models import ModelError, load_for_training
+from l2t.models import ModelError, add_lora, compute_dtype, load_base_model, load_processor
 from l2t.templates import TaskTemplate, apply_edits, mine_templates, save_templates
 
 DISK_FULL_BYTES = 16 * 1024**2
@@ -379,10 +379,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     data = prepare_data(config)
     fmt = chat.FORMATS[config.model.prompt_format]
     print_templates(data.templates, config.loss.mode)
-    from l2t.models import load_processor
-
     processor = load_processor(config.model)
-    encoder = Encoder(processor, fmt, [t.sentence for t in data.templates] if config.loss.mode == "l2t" else ())
+    encoder = Encoder(processor, fmt, [t.sentence for t in data.templates])
     lo = config.loss
     examples = encode_samples(data.train, encoder, lo.mode, lo.instruction_weight, lo.response_weight)
     names = unique_names([e.sample.id for e in examples])
@@ -410,12 +408,12 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         trim_metrics(run_dir, resumed_step)  # rows after the checkpoint are logged again
 
     set_seed(config.train.seed)  # LoRA's initial weights come from the global RNG
-    model, processor = load_for_training(config, device=device)
+    model = add_lora(load_base_model(config.model, device=device), config.model, config.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"model: {config.model.hub_id} ({config.model.quant}), trainable parameters {trainable:,} of {total:,}")
     t = config.train
-    bf16 = device == "cuda" and next(p for p in model.parameters() if p.dtype.is_floating_point and not p.requires_grad).dtype == torch.bfloat16
+    bf16 = compute_dtype(config.model, device) == torch.bfloat16
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
