@@ -31,9 +31,9 @@ COMMANDS = readme_commands()
 
 def test_the_readme_starts_with_the_two_setup_commands():
     assert COMMANDS[:2] == ["make demo", "make test"]
-    demo = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    demo = subprocess.run(["make", "-n", "-B", "demo"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "-m l2t.train --preset tiny" in demo and "pip install" in demo
-    test = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    test = subprocess.run(["make", "-n", "-B", "test"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "-m pytest" in test
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in ci and "make demo" in ci
