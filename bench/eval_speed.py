@@ -69,7 +69,9 @@ def main() -> int:
     parser.add_argument("--run", default=None, help="a tiny-preset run folder (default: train a short one)")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=evaluate.DEFAULT_BATCH_SIZE)
-    parser.add_argument("--baseline-samples", type=int, default=50, help="samples the one-at-a-time baseline runs on (its time is scaled to --samples)")
+    parser.add_argument(
+        "--baseline-samples", type=int, default=50, help="samples the one-at-a-time baseline runs on (its time is scaled to --samples)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=evaluate.DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many runs (the machine may be shared)")
     args = parser.parse_args()
@@ -94,9 +96,11 @@ def main() -> int:
     del model
     end_to_end = [time_command(run_dir, test_file, args) for _ in range(args.repeats)]
 
-    print(f"tiny preset, {len(items)} samples ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
-          f"max {args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}, "
-          f"load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f}; best of {args.repeats} (all runs in brackets)")
+    print(
+        f"tiny preset, {len(items)} samples ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
+        f"max {args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}, "
+        f"load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f}; best of {args.repeats} (all runs in brackets)"
+    )
     print(f"{'':<52}{'seconds':>9}{'samples/s':>11}")
     rows = [
         (f"baseline: one sample at a time ({len(subset)} run, scaled)", baseline),

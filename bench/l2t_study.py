@@ -55,12 +55,27 @@ LARGE_SPLIT_SEED = 1
 
 def train_command(out_dir: Path, mode: str, seed: int) -> list[str]:
     run_dir = out_dir / f"{mode}-seed{seed}"
-    return [sys.executable, "-m", "l2t.train", "--preset", "tiny", "--output", str(run_dir), "--overwrite", f"loss.mode={mode}", f"train.seed={seed}"]
+    return [
+        sys.executable,
+        "-m",
+        "l2t.train",
+        "--preset",
+        "tiny",
+        "--output",
+        str(run_dir),
+        "--overwrite",
+        f"loss.mode={mode}",
+        f"train.seed={seed}",
+    ]
 
 
 def finished(run_dir: Path) -> bool:
     status = run_dir / runs.STATUS
-    return (run_dir / runs.ADAPTER / "adapter_config.json").is_file() and status.is_file() and runs.read_json(status).get("state") == "finished"
+    return (
+        (run_dir / runs.ADAPTER / "adapter_config.json").is_file()
+        and status.is_file()
+        and runs.read_json(status).get("state") == "finished"
+    )
 
 
 def train_all(out_dir: Path, seeds: list[int]) -> tuple[list[Path], float]:
@@ -108,9 +123,13 @@ def per_mode_table(report: dict, seeds: list[int]) -> str:
     """Base row, then mean ± std over seeds per mode, then the same-seed difference l2t − response."""
     base = next(m["metrics"] for m in report["models"] if m["name"] == "base")
     lines = ["| | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
-    lines.append("| base (untuned) | " + " | ".join(evaluate.format_number(evaluate.table_value(base, s, k)) for _, s, k, _ in COLUMNS) + " |")
+    lines.append(
+        "| base (untuned) | " + " | ".join(evaluate.format_number(evaluate.table_value(base, s, k)) for _, s, k, _ in COLUMNS) + " |"
+    )
     for mode in MODES:
-        lines.append(f"| {mode} | " + " | ".join(mean_and_spread(metric_values(report, mode, seeds, s, k)) for _, s, k, _ in COLUMNS) + " |")
+        lines.append(
+            f"| {mode} | " + " | ".join(mean_and_spread(metric_values(report, mode, seeds, s, k)) for _, s, k, _ in COLUMNS) + " |"
+        )
     differences = [mean_and_spread(paired_differences(report, seeds, s, k)) for _, s, k, _ in COLUMNS]
     lines.append("| l2t − response, same seed | " + " | ".join(differences) + " |")
     return "\n".join(lines)
@@ -119,7 +138,11 @@ def per_mode_table(report: dict, seeds: list[int]) -> str:
 def per_seed_table(report: dict) -> str:
     lines = ["| run | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for model in report["models"]:
-        lines.append(f"| {model['name']} | " + " | ".join(evaluate.format_number(evaluate.table_value(model["metrics"], s, k)) for _, s, k, _ in COLUMNS) + " |")
+        lines.append(
+            f"| {model['name']} | "
+            + " | ".join(evaluate.format_number(evaluate.table_value(model["metrics"], s, k)) for _, s, k, _ in COLUMNS)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -261,7 +284,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder for the runs, their logs and the comparison reports")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--large-split", type=int, default=400, help="also evaluate on a generated balanced split of this many samples (0: skip)")
+    parser.add_argument(
+        "--large-split", type=int, default=400, help="also evaluate on a generated balanced split of this many samples (0: skip)"
+    )
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"), help="where to write the results page")
     args = parser.parse_args()
     out_dir = Path(args.out_dir).resolve()

@@ -77,7 +77,7 @@ def prompt_and_reference(sample: Sample) -> tuple[list[dict], str]:
         messages.append(m)
         if m["role"] == "user":
             break
-    answer = next((m["content"] for m in sample.messages[len(messages):] if m["role"] == "assistant"), "")
+    answer = next((m["content"] for m in sample.messages[len(messages) :] if m["role"] == "assistant"), "")
     return messages, answer
 
 
@@ -89,8 +89,8 @@ def _batch_inputs(encoder: Encoder, prompts: list[tuple[list[dict], list]], devi
     ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), longest), dtype=torch.long)
     for i, e in enumerate(encoded):
-        ids[i, longest - len(e):] = torch.from_numpy(e.input_ids)
-        mask[i, longest - len(e):] = 1
+        ids[i, longest - len(e) :] = torch.from_numpy(e.input_ids)
+        mask[i, longest - len(e) :] = 1
     batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     batch.update(_image_tensors(encoder, [images for _, images in prompts], device))
     return batch
@@ -106,7 +106,13 @@ def _image_tensors(encoder: Encoder, images_per_sample: list[list], device) -> d
 
 
 @torch.no_grad()
-def generate(model, encoder: Encoder, prompts: list[tuple[list[dict], list]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+def generate(
+    model,
+    encoder: Encoder,
+    prompts: list[tuple[list[dict], list]],
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[str]:
     """Greedy answers for (messages, PIL images) prompts, batched and left-padded."""
     model.eval()
     device = next(model.parameters()).device
@@ -143,7 +149,9 @@ def base_model_context(model):
     return disable() if disable is not None else contextlib.nullcontext()
 
 
-def generate_pairs(model, encoder: Encoder, prompts, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[list[str], list[str]]:
+def generate_pairs(
+    model, encoder: Encoder, prompts, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE
+) -> tuple[list[str], list[str]]:
     """(base answers, tuned answers) for the same prompts and decoding."""
     with base_model_context(model):
         before = generate(model, encoder, prompts, max_new_tokens, batch_size)
@@ -246,7 +254,9 @@ def _scoring_batch(encoder: Encoder, items: list[EvalItem], images_per_item: lis
 
 
 @torch.no_grad()
-def answer_log_probs(model, encoder: Encoder, items: list[EvalItem], images_per_item: list[list], batch_size: int = DEFAULT_BATCH_SIZE) -> list[np.ndarray]:
+def answer_log_probs(
+    model, encoder: Encoder, items: list[EvalItem], images_per_item: list[list], batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[np.ndarray]:
     """log p(token | images, question, earlier answer tokens) for each reference answer token."""
     model.eval()
     device = next(model.parameters()).device
@@ -315,7 +325,9 @@ def answer_items(name: str, model, encoder: Encoder, items: list[EvalItem], max_
     return ModelAnswers(name, answers, vc, time.perf_counter() - started)
 
 
-def base_and_tuned_answers(model, encoder: Encoder, items: list[EvalItem], tuned_name: str, max_new_tokens: int, batch_size: int) -> tuple[ModelAnswers, ModelAnswers]:
+def base_and_tuned_answers(
+    model, encoder: Encoder, items: list[EvalItem], tuned_name: str, max_new_tokens: int, batch_size: int
+) -> tuple[ModelAnswers, ModelAnswers]:
     with base_model_context(model):
         base = answer_items("base", model, encoder, items, max_new_tokens, batch_size)
     return base, answer_items(tuned_name, model, encoder, items, max_new_tokens, batch_size)
@@ -387,7 +399,10 @@ def score_answers(items: list[EvalItem], result: ModelAnswers) -> tuple[dict, li
         from l2t.metrics import parse_yes_no
 
         pope = pope_scores([result.answers[i] for i in yes_no], [parse_yes_no(items[i].reference) for i in yes_no])
-        summary["yes_no"] = {"samples": len(yes_no), **{k: pope[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "no_answer")}}
+        summary["yes_no"] = {
+            "samples": len(yes_no),
+            **{k: pope[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "no_answer")},
+        }
         for i, correct in zip(yes_no, pope["correct_per_sample"], strict=True):
             per_sample[i]["correct"] = correct
     visual = [i for i, values in enumerate(result.visual_contribution) if values is not None]
@@ -400,18 +415,18 @@ def score_answers(items: list[EvalItem], result: ModelAnswers) -> tuple[dict, li
     return summary, per_sample
 
 
-# The table's rows: (label, section of the summary, key, higher is better).
+# The table's rows: (label, section of a model's metrics, key).
 TABLE_ROWS = (
-    ("VC per token (nats)", "visual_contribution", "mean_per_token", True),
-    ("VC per answer (nats)", "visual_contribution", "mean_per_sequence", True),
-    ("CIDEr-D", "caption", "cider_d", True),
-    ("BLEU-4", "caption", "bleu4", True),
-    ("VQA exact match", "short_answer", "accuracy", True),
-    ("POPE accuracy", "yes_no", "accuracy", True),
-    ("POPE F1", "yes_no", "f1", True),
-    ("POPE yes-ratio", "yes_no", "yes_ratio", None),
-    ("CHAIR_s (captions with a hallucinated object)", "hallucination", "chair_s", False),
-    ("CHAIR_i (hallucinated object mentions)", "hallucination", "chair_i", False),
+    ("VC per token (nats)", "visual_contribution", "mean_per_token"),
+    ("VC per answer (nats)", "visual_contribution", "mean_per_sequence"),
+    ("CIDEr-D", "caption", "cider_d"),
+    ("BLEU-4", "caption", "bleu4"),
+    ("VQA exact match", "short_answer", "accuracy"),
+    ("POPE accuracy", "yes_no", "accuracy"),
+    ("POPE F1", "yes_no", "f1"),
+    ("POPE yes-ratio", "yes_no", "yes_ratio"),
+    ("CHAIR_s (captions with a hallucinated object)", "hallucination", "chair_s"),
+    ("CHAIR_i (hallucinated object mentions)", "hallucination", "chair_i"),
 )
 
 
@@ -557,12 +572,12 @@ def library_versions() -> dict:
     return versions
 
 
-def build_report(folders: list[RunFolder], items: list[EvalItem], skipped: list[dict], results: list[ModelAnswers], settings: Settings, data_report: dict) -> dict:
-    scored = [score_answers(items, result) for result in results]
-    models = []
-    for result, (summary, _) in zip(results, scored, strict=True):
+def model_entries(folders: list[RunFolder], results: list[ModelAnswers], summaries: list[dict]) -> list[dict]:
+    """Each model's name, run, loss mode, seed, time and metrics (base models have no run)."""
+    entries = []
+    for result, summary in zip(results, summaries, strict=True):
         folder = next((f for f in folders if f.name == result.name), None)
-        models.append({
+        entries.append({
             "name": result.name,
             "run_dir": str(folder.path.resolve()) if folder else None,
             "loss_mode": folder.config.loss.mode if folder else None,
@@ -570,16 +585,28 @@ def build_report(folders: list[RunFolder], items: list[EvalItem], skipped: list[
             "seconds": round(result.seconds, 3),
             "metrics": summary,
         })  # fmt: skip
-    samples = []
-    for index, item in enumerate(items):
-        samples.append({
+    return entries
+
+
+def sample_entries(items: list[EvalItem], results: list[ModelAnswers], per_sample: list[list[dict]]) -> list[dict]:
+    """Each sample's question, reference, and every model's answer and scores."""
+    return [
+        {
             "id": item.id,
             "kind": item.kind,
             "question": item.question,
             "reference": item.reference,
             "answers": {r.name: r.answers[index] for r in results},
-            "scores": {r.name: per_sample[index] for r, (_, per_sample) in zip(results, scored, strict=True)},
-        })  # fmt: skip
+            "scores": {r.name: scores[index] for r, scores in zip(results, per_sample, strict=True)},
+        }
+        for index, item in enumerate(items)
+    ]
+
+
+def build_report(
+    folders: list[RunFolder], items: list[EvalItem], skipped: list[dict], results: list[ModelAnswers], settings: Settings, data_report: dict
+) -> dict:
+    summaries, per_sample = zip(*(score_answers(items, result) for result in results), strict=True)
     first = folders[0].config
     return {
         "command": settings.command,
@@ -602,8 +629,8 @@ def build_report(folders: list[RunFolder], items: list[EvalItem], skipped: list[
         "kinds": {kind: sum(item.kind == kind for item in items) for kind in KINDS},
         "skipped": skipped,
         "data_report": {k: data_report[k] for k in ("file", "total", "ok", "counts")},
-        "models": models,
-        "samples": samples,
+        "models": model_entries(folders, results, list(summaries)),
+        "samples": sample_entries(items, results, list(per_sample)),
         "visual_contribution_per_token": {r.name: [v for values in r.visual_contribution if values for v in values] for r in results},
     }
 
@@ -621,11 +648,18 @@ def markdown_table(report: dict) -> str:
     """One row per metric, one column per model (base first)."""
     names = [m["name"] for m in report["models"]]
     lines = ["| metric | samples | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
-    for label, section, key, _ in TABLE_ROWS:
+    for label, section, key in TABLE_ROWS:
         values = [table_value(m["metrics"], section, key) for m in report["models"]]
         if all(v is None for v in values):
             continue
-        count = next((m["metrics"][section].get("samples", m["metrics"][section].get("num_sequences")) for m in report["models"] if section in m["metrics"]), "")
+        count = next(
+            (
+                m["metrics"][section].get("samples", m["metrics"][section].get("num_sequences"))
+                for m in report["models"]
+                if section in m["metrics"]
+            ),
+            "",
+        )
         lines.append(f"| {label} | {count} | " + " | ".join(format_number(v) for v in values) + " |")
     return "\n".join(lines)
 
@@ -674,7 +708,7 @@ def metrics_chart(report: dict) -> bytes:
     lines = -(-len(rows) // columns)
     fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.8 * lines), dpi=100, squeeze=False)
     colors = plt.cm.tab10.colors
-    for ax, (label, section, key, _) in zip(axes.flat, rows, strict=False):
+    for ax, (label, section, key) in zip(axes.flat, rows, strict=False):
         values = [table_value(m["metrics"], section, key) for m in report["models"]]
         bars = ax.bar(range(len(names)), [v if v is not None else 0.0 for v in values], color=[colors[i % 10] for i in range(len(names))])
         ax.bar_label(bars, labels=[format_number(v) for v in values], fontsize=7)
@@ -682,7 +716,7 @@ def metrics_chart(report: dict) -> bytes:
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(rows) :]:
         ax.axis("off")
     fig.tight_layout()
     return _png_bytes(fig)
@@ -745,7 +779,9 @@ def gallery_rows(report: dict, items: list[EvalItem]) -> str:
             f"<td>{html.escape(item.reference)}</td>",
         ]
         for name in names:
-            cells.append(f"<td>{html.escape(sample['answers'][name])}<div class=scores>{_sample_scores_html(sample['scores'][name])}</div></td>")
+            cells.append(
+                f"<td>{html.escape(sample['answers'][name])}<div class=scores>{_sample_scores_html(sample['scores'][name])}</div></td>"
+            )
         rows.append(f'<tr class="sample" id="{html.escape(item.id)}">' + "".join(cells) + "</tr>")
     return "\n".join(rows)
 
@@ -754,12 +790,13 @@ def html_report(report: dict, items: list[EvalItem], charts: dict[str, bytes]) -
     names = [m["name"] for m in report["models"]]
     header = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     table_rows = []
-    for label, section, key, _ in TABLE_ROWS:
+    for label, section, key in TABLE_ROWS:
         values = [table_value(m["metrics"], section, key) for m in report["models"]]
         if any(v is not None for v in values):
             table_rows.append(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{format_number(v)}</td>" for v in values) + "</tr>")
     images = "".join(
-        f'<img class=chart src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(name)}">' for name, data in charts.items()
+        f'<img class=chart src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(name)}">'
+        for name, data in charts.items()
     )
     skipped = "".join(f"<li><b>{html.escape(n['sample'])}</b>: {html.escape(n['reason'])}</li>" for n in report["skipped"])
     return f"""<!DOCTYPE html>
@@ -769,6 +806,7 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }}
 .gallery td {{ max-width: 22em; overflow-wrap: anywhere; }}
+.gallery td b {{ white-space: nowrap; }}
 .gallery img {{ width: 96px; image-rendering: pixelated; border: 1px solid #ddd; }}
 .scores, .kind {{ color: #666; font-size: 0.85em; }}
 img.chart {{ display: block; max-width: 100%; margin: 1em 0; }}
@@ -812,14 +850,22 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m l2t.evaluate", description="Compare a run's tuned model with its base model on test samples.")
+    parser = argparse.ArgumentParser(
+        prog="python -m l2t.evaluate", description="Compare a run's tuned model with its base model on test samples."
+    )
     parser.add_argument("run_dir", help="run folder written by python -m l2t.train")
     parser.add_argument("--data", default=None, help="test data, LLaVA or messages JSON/JSONL (default: RUN_DIR/held_out.json)")
     parser.add_argument("--images", default=None, help="image folder or .zip for --data (default: the data file's folder)")
-    parser.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR2", help="more runs to evaluate on the same samples, in the same table")
+    parser.add_argument(
+        "--compare", nargs="+", default=[], metavar="RUN_DIR2", help="more runs to evaluate on the same samples, in the same table"
+    )
     parser.add_argument("--n", type=_positive_int, default=None, help="evaluate only the first N samples")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, help=f"longest answer (default {DEFAULT_MAX_NEW_TOKENS})")
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help=f"samples per forward pass (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument(
+        "--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, help=f"longest answer (default {DEFAULT_MAX_NEW_TOKENS})"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help=f"samples per forward pass (default {DEFAULT_BATCH_SIZE})"
+    )
     return parser.parse_args(argv)
 
 

@@ -182,7 +182,8 @@ def test_a_sample_whose_image_fails_to_load_is_skipped_with_a_note(run_dir, tmp_
 @pytest.mark.slow
 def test_the_command_exits_with_a_message_not_a_traceback(tmp_path):
     missing = tmp_path / "no-such-run"
-    result = subprocess.run([sys.executable, "-m", "l2t.evaluate", str(missing)], capture_output=True, text=True, timeout=120)
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "l2t.evaluate", str(missing)], cwd=repo, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert f"error: run folder {missing} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
