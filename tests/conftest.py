@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -57,3 +59,26 @@ def trained_run(tmp_path_factory, tiny_cache) -> Path:
     config = load_config("tiny", overrides=[f"output={run_dir}", "train.max_steps=60", "train.logging_steps=10", "train.preview_samples=2"])
     train(config)
     return run_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_cache):
+    """The web UI served on a free port of 127.0.0.1 (its default host), with a gradio_client."""
+    client_class = pytest.importorskip("gradio_client").Client
+    from app.ui import create, serve
+
+    root = tmp_path_factory.mktemp("ui")
+    demo, context = create(root / "runs", root / "uploads")
+    port = free_port()
+    serve(demo, context, port=port, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    client = client_class(url, verbose=False, download_files=root / "downloads")
+    yield SimpleNamespace(demo=demo, context=context, url=url, root=root, client=client)
+    context.jobs.stop_all()
+    demo.close()

@@ -11,12 +11,10 @@ from __future__ import annotations
 import io
 import json
 import re
-import socket
 import struct
 import time
 import zipfile
 import zlib
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -29,26 +27,6 @@ from gradio_client.exceptions import AppError  # noqa: E402
 pytestmark = pytest.mark.slow
 
 TRAIN_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_cache):
-    from app.ui import create, serve
-
-    root = tmp_path_factory.mktemp("ui")
-    demo, context = create(root / "runs", root / "uploads")
-    port = free_port()
-    serve(demo, context, port=port, block=False)  # the default host
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=root / "downloads")
-    yield SimpleNamespace(demo=demo, context=context, client=client, root=root)
-    context.jobs.stop_all()
-    demo.close()
 
 
 def state_of(status_html: str) -> str:

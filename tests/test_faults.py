@@ -46,15 +46,6 @@ TINY = ["--preset", "tiny", "train.preview_samples=0", "train.logging_steps=1", 
 SUBPROCESS_ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small to share out: a second thread only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -843,27 +834,6 @@ def test_a_really_full_disk_stops_with_a_message_then_resume(small_disk, capsys)
 # ---------------------------------------------------------------- the web UI
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_cache):
-    Client = pytest.importorskip("gradio_client").Client
-    from app.ui import create, serve
-
-    root = tmp_path_factory.mktemp("ui")
-    demo, context = create(root / "runs", root / "uploads")
-    port = free_port()
-    serve(demo, context, port=port, block=False)
-    url = f"http://127.0.0.1:{port}/"
-    yield SimpleNamespace(demo=demo, context=context, url=url, root=root, client=Client(url, verbose=False))
-    context.jobs.stop_all()
-    demo.close()
-
-
 def start_kwargs(client, **by_label) -> dict:
     """/start_training's arguments: every widget at its default, then the ones named by their label."""
     params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start_training"]["parameters"]
@@ -1038,6 +1008,8 @@ def test_python_m_app_listens_on_localhost_only(tmp_path, monkeypatch):
         return real_serve(demo, context, **{**kwargs, "block": False})
 
     monkeypatch.setattr(app.ui, "serve", serve_in_background)
+    from conftest import free_port
+
     port = free_port()
     assert app_main(["--port", str(port), "--runs-dir", str(tmp_path / "runs"), "--uploads-dir", str(tmp_path / "uploads")]) == 0
     try:

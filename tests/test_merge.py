@@ -39,15 +39,6 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, re.S)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small to share out: a second thread only spins (4x the CPU time here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def merged(trained_run, tmp_path_factory):
     """The README command, `python -m l2t.merge RUN --out DIR`, run once: (out, exit code, stdout)."""
