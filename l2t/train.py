@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -409,6 +410,9 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
 
     set_seed(config.train.seed)  # LoRA's initial weights come from the global RNG
     model = add_lora(load_base_model(config.model, device=device), config.model, config.lora)
+    for model_config in (model.config, getattr(model.config, "text_config", None)):
+        if model_config is not None:
+            model_config.use_cache = False  # no generation cache while training
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"model: {config.model.hub_id} ({config.model.quant}), trainable parameters {trainable:,} of {total:,}")
@@ -580,6 +584,8 @@ def disk_full(exc: BaseException, folder: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers 5 and peft announce renamed internals on every run; they are not the user's to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     config = None
     try:
         config, args = parse_args(argv)
