@@ -107,3 +107,11 @@ def notice(text: str, kind: str = "info", title: str = "") -> str:
     head = f"<b>{html.escape(title)}</b> " if title else ""
     body = html.escape(text).replace("\n", "<br>")
     return f'<div class="l2t-notice l2t-{kind}">{head}{body}</div>'
+
+
+def run_picker(elem_id: str) -> tuple[gr.Dropdown, gr.Button]:
+    """The run dropdown and its refresh button that head the Compare and Export tabs."""
+    with gr.Row():
+        run = gr.Dropdown(label="Run", choices=[], scale=4, allow_custom_value=True, elem_id=elem_id)
+        refresh = gr.Button("↻ Refresh runs", scale=1)
+    return run, refresh

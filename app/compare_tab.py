@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import gradio as gr
 
-from app.common import AppContext, guarded, list_runs, notice, run_choices, run_dir
+from app.common import AppContext, guarded, list_runs, notice, run_choices, run_dir, run_picker
 from app.jobs import module_command
 from app.run_view import error_in_log, log_tail
 from l2t import chat, evaluate, runs
@@ -140,9 +140,7 @@ def run_evaluation(context: AppContext, run: str | None, others: list[str] | Non
 
 
 def build_compare_tab(context: AppContext, demo: gr.Blocks) -> None:
-    with gr.Row():
-        run = gr.Dropdown(label="Run", choices=[], scale=4, allow_custom_value=True, elem_id="compare-run")
-        refresh = gr.Button("↻ Refresh runs", scale=1)
+    run, refresh = run_picker("compare-run")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, elem_classes="l2t-card"):
             upload = gr.File(label="Upload an image", file_types=["image"], height=110)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.common import AppContext, guarded, notice, run_choices, run_dir
+from app.common import AppContext, guarded, notice, run_choices, run_dir, run_picker
 from app.jobs import module_command
 from app.run_view import error_in_log, log_tail
 from l2t import evaluate, runs
@@ -104,9 +104,7 @@ def adapter_zip(context: AppContext, run: str | None) -> str:
 
 
 def build_export_tab(context: AppContext, demo: gr.Blocks) -> None:
-    with gr.Row():
-        run = gr.Dropdown(label="Run", choices=[], scale=4, allow_custom_value=True, elem_id="export-run")
-        refresh = gr.Button("↻ Refresh runs", scale=1)
+    run, refresh = run_picker("export-run")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, elem_classes="l2t-card"):
             gr.Markdown(

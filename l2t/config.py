@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from l2t import templates as _templates
+from l2t.images import DEFAULT_MAX_PIXELS
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -168,7 +169,7 @@ class DataConfig:
     """Image folder or .zip that image paths are relative to (empty: the data file's folder)."""
     strict: bool = False
     """Stop on the first bad sample instead of skipping bad samples with a report."""
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels are rejected (decompression-bomb guard)."""
 
 

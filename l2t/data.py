@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from l2t.chat import IMAGE
-from l2t.images import ImageError, ImageSource
+from l2t.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource
 
 ROLE_NAMES = {
     "human": "user", "user": "user",
@@ -307,7 +307,7 @@ def load_samples(
     path: str | Path,
     images: str | Path | ImageSource | None = None,
     strict: bool = False,
-    max_pixels: int = 50_000_000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     check_images: bool = True,
 ) -> tuple[list[Sample], DataReport]:
     """Read and check a data file. Bad samples are reported and skipped (or, strict, raise)."""

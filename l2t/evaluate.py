@@ -447,22 +447,13 @@ class RunFolder:
 
 def open_run(path: str | Path) -> RunFolder:
     """A finished run folder's config and mined templates; errors name the missing piece."""
-    from l2t.config import config_from_dict, read_yaml
     from l2t.templates import load_templates
 
     path = Path(path)
-    if not path.is_dir():
-        raise EvaluationError(f"run folder {path} does not exist")
-    config_path = path / runs.CONFIG
-    if not config_path.is_file():
-        raise EvaluationError(f"{path} is not a run folder: it has no {runs.CONFIG}")
-    adapter = path / runs.ADAPTER
-    if not (adapter / "adapter_config.json").is_file():
-        raise EvaluationError(
-            f"{path} has no adapter ({adapter}/adapter_config.json is missing): the run has not finished training "
-            f"or stopped before saving one; continue it with `python -m l2t.train --output {path} --resume`"
-        )
-    config = config_from_dict(read_yaml(config_path), str(config_path))
+    try:
+        config = runs.read_trained_run(path)
+    except runs.RunFolderError as exc:
+        raise EvaluationError(str(exc)) from None
     templates_path = path / runs.TEMPLATES
     try:
         templates = [t.sentence for t in load_templates(templates_path)] if templates_path.is_file() else []

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 MAX_ARCHIVE_MEMBERS = 2_000_000
+DEFAULT_MAX_PIXELS = 50_000_000
 MAX_ARCHIVE_BYTES = 64 * 1024**3
 # An image file is read into memory whole before its header is checked, so its
 # size is capped first: a zip member can declare gigabytes under the archive limit.
@@ -72,7 +73,7 @@ def check_archive(archive: zipfile.ZipFile, name: str) -> None:
 class ImageSource:
     """Images under a folder, or inside a .zip archive, by relative path."""
 
-    def __init__(self, root: str | Path, max_pixels: int = 50_000_000):
+    def __init__(self, root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.root = Path(root)
         self.max_pixels = max_pixels
         self._zip: zipfile.ZipFile | None = None

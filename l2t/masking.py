@@ -249,16 +249,15 @@ def preview_sample(samples, index: int, preset: str = "tiny", mode: str | None =
     """The `python -m l2t.data preview` text for one sample."""
     from l2t.config import load_config
     from l2t.models import load_processor
-    from l2t.templates import apply_edits, mine_templates
+    from l2t.templates import mine_with_settings
 
     config = load_config(preset)
     if not 0 <= index < len(samples):
         raise IndexError(f"--index {index} is out of range: the file has {len(samples)} usable samples")
     mode = mode or config.loss.mode
     processor = load_processor(config.model)
-    t = config.templates
     # The same list training uses: mined, then the preset's additions and removals.
-    mined = apply_edits(mine_templates([s.instructions() for s in samples], t.min_fraction, t.min_count, t.top_k, t.min_words), t.add, t.remove)
+    mined = mine_with_settings([s.instructions() for s in samples], config.templates)
     encoder = Encoder(processor, chat.FORMATS[config.model.prompt_format], [m.sentence for m in mined])
     sample = samples[index]
     encoded = encoder.encode(sample.messages, sample.image_sizes)

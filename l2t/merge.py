@@ -77,7 +77,7 @@ import torch
 
 from l2t import chat, runs
 from l2t.batch import process_images
-from l2t.config import Config, ConfigError, config_from_dict, read_yaml
+from l2t.config import Config
 from l2t.data import DataError, load_samples, open_images
 from l2t.evaluate import generate, prompt_and_reference
 from l2t.images import ImageError
@@ -120,18 +120,10 @@ def say(message: str) -> None:
 
 def read_run(run_dir: Path) -> Config:
     """The run's resolved config, after checking the run has an adapter to merge."""
-    if not run_dir.is_dir():
-        raise MergeError(f"{run_dir}: no such run folder")
-    adapter = run_dir / runs.ADAPTER
-    if not (adapter / "adapter_config.json").is_file():
-        raise MergeError(
-            f"{run_dir} has no trained adapter ({adapter}/adapter_config.json is missing). "
-            "Let the run finish, or continue it: its python -m l2t.train command again, with --resume"
-        )
     try:
-        return config_from_dict(read_yaml(run_dir / runs.CONFIG), source=str(run_dir / runs.CONFIG))
-    except ConfigError as exc:
-        raise MergeError(f"cannot use the run's config: {exc}") from None
+        return runs.read_trained_run(run_dir)
+    except runs.RunFolderError as exc:
+        raise MergeError(str(exc)) from None
 
 
 def check_out(out: Path, run_dir: Path, overwrite: bool) -> None:

@@ -64,3 +64,29 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+class RunFolderError(ValueError):
+    """A run folder that can't be used yet; the message names what is missing."""
+
+
+def read_trained_run(run_dir: Path):
+    """The resolved config of a run that has a trained adapter (for evaluate, merge and the UI)."""
+    from l2t.config import ConfigError, config_from_dict, read_yaml  # config imports this module
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} does not exist")
+    config_path = run_dir / CONFIG
+    if not config_path.is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder: it has no {CONFIG}")
+    adapter = run_dir / ADAPTER
+    if not (adapter / "adapter_config.json").is_file():
+        raise RunFolderError(
+            f"{run_dir} has no adapter: the run has no trained adapter yet ({adapter}/adapter_config.json is missing). "
+            f"Let it finish, or continue it: python -m l2t.train --output {run_dir} --resume"
+        )
+    try:
+        return config_from_dict(read_yaml(config_path), str(config_path))
+    except ConfigError as exc:
+        raise RunFolderError(f"cannot use the run's config: {exc}") from None

@@ -195,6 +195,12 @@ def apply_edits(
     return sorted(by_sentence.values(), key=_rank)
 
 
+def mine_with_settings(instructions: Iterable[list[str]], settings) -> list[TaskTemplate]:
+    """Mine with a run's `templates` settings: the thresholds, then the user's add/remove edits."""
+    mined = mine_templates(instructions, settings.min_fraction, settings.min_count, settings.top_k, settings.min_words)
+    return apply_edits(mined, settings.add, settings.remove)
+
+
 def template_spans(text: str, sentences: set[str] | frozenset[str]) -> list[tuple[int, int]]:
     """Character spans in `text` of every sentence whose normalised form is in `sentences`.
 

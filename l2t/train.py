@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import errno
+import io
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ from l2t.data import DataError, DataReport, Sample, check_lengths, load_samples
 from l2t.images import ImageError, ImageSource
 from l2t.masking import Encoder
 from l2t.models import ModelError, add_lora, compute_dtype, load_base_model, load_processor
-from l2t.templates import TaskTemplate, apply_edits, mine_templates, save_templates
+from l2t.templates import TaskTemplate, mine_with_settings, save_templates
 
 DISK_FULL_BYTES = 16 * 1024**2
 """A write that fails with less free space than this in the run folder's file system is reported as a full disk."""
@@ -95,17 +96,20 @@ def split_held_out(samples: list[Sample], fraction: float, limit: int, seed: int
 
 def prepare_data(config: Config) -> PreparedData:
     path, image_root, held_out_path = data_paths(config)
-    samples, report = load_samples(path, image_root, strict=config.data.strict, max_pixels=config.data.max_image_pixels)
+    pixels = config.data.max_image_pixels
+    try:  # opened once (a zip's index is checked once) and shared by every load below
+        source = ImageSource(image_root or path.parent, max_pixels=pixels)
+    except ImageError:
+        source = None  # fine for text-only data; load_samples reports it if a sample needs an image
+    samples, report = load_samples(path, source or image_root, strict=config.data.strict, max_pixels=pixels)
     say(report.summary())
-    images = ImageSource(image_root or path.parent, max_pixels=config.data.max_image_pixels) if any(s.images for s in samples) else None
+    images = source if any(s.images for s in samples) else None
     if held_out_path is not None:
-        train, _ = samples, None
-        held_out, _ = load_samples(held_out_path, image_root, max_pixels=config.data.max_image_pixels)
+        train = samples
+        held_out, _ = load_samples(held_out_path, source or image_root, max_pixels=pixels)
     else:
         train, held_out = split_held_out(samples, config.train.eval_fraction, config.train.eval_max_samples, config.train.seed)
-    t = config.templates
-    mined = mine_templates([s.instructions() for s in train], t.min_fraction, t.min_count, t.top_k, t.min_words)
-    templates = apply_edits(mined, t.add, t.remove)
+    templates = mine_with_settings([s.instructions() for s in train], config.templates)
     return PreparedData(train, held_out, images, report, templates)
 
 
@@ -360,10 +364,10 @@ def plot_losses(run_dir: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = run_dir / ".loss.png.tmp"
-    fig.savefig(tmp, format="png")
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
-    os.replace(tmp, run_dir / runs.LOSS_PLOT)
+    runs.atomic_write_bytes(run_dir / runs.LOSS_PLOT, image.getvalue())
 
 
 # ---------------------------------------------------------------- the recipe

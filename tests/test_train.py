@@ -200,7 +200,7 @@ def test_two_processes_with_torchrun(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "l2t.train", "--preset", "tiny", "--output", str(out),
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "l2t.train", "--preset", "tiny", "--output", str(out),
                              "train.max_steps=6", "train.logging_steps=2", "train.preview_samples=0"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
