@@ -13,23 +13,23 @@ import html
 import inspect
 import logging
 import re
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
-from app.jobs import JobBusy, JobManager
+from app.jobs import Job, JobBusy, JobManager
+from app.run_view import error_in_log, log_tail
 from l2t import runs
-from l2t.config import ConfigError
-from l2t.data import DataError
-from l2t.evaluate import EvaluationError
-from l2t.images import ImageError
-from l2t.models import ModelError
+from l2t.errors import L2TError
 
 log = logging.getLogger("app")
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
-USER_ERRORS = (ConfigError, DataError, EvaluationError, ImageError, ModelError, JobBusy)
+USER_ERRORS = (L2TError, JobBusy)
+JOB_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -56,7 +56,7 @@ def list_runs(context: AppContext, with_adapter: bool = False) -> list[str]:
         return []
     found = [p for p in context.runs_dir.iterdir() if p.is_dir() and RUN_NAME.match(p.name) and (p / runs.CONFIG).exists()]
     if with_adapter:
-        found = [p for p in found if (p / runs.ADAPTER / "adapter_config.json").exists()]
+        found = [p for p in found if runs.is_trained(p)]
     return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
@@ -115,3 +115,27 @@ def run_picker(elem_id: str) -> tuple[gr.Dropdown, gr.Button]:
         run = gr.Dropdown(label="Run", choices=[], scale=4, allow_custom_value=True, elem_id=elem_id)
         refresh = gr.Button("↻ Refresh runs", scale=1)
     return run, refresh
+
+
+def follow_job(
+    job: Job,
+    progress: Callable[[float, str], str],
+    failed_title: str,
+    finished: Callable[[], tuple[str, object]],
+    failed_result: object = None,
+) -> Iterator[tuple[str, str, object]]:
+    """A subprocess job followed on the page, as (status HTML, log tail, result) updates.
+
+    Every second while it runs: `progress(seconds, log tail)` as the status, the result unchanged.
+    When it ends: the error its log names and `failed_result`, or what `finished()` returns.
+    """
+    while job.running:
+        tail = log_tail(job.log_path)
+        yield notice(progress(time.time() - job.started, tail), "info"), tail, gr.update()
+        time.sleep(JOB_POLL_SECONDS)
+    tail = log_tail(job.log_path)
+    if job.returncode != 0:
+        yield notice(error_in_log(tail), "error", failed_title), tail, failed_result
+        return
+    status, result = finished()
+    yield status, tail, result

@@ -1,8 +1,8 @@
 """The Compare tab: base vs tuned answers to one image and prompt, and the batch evaluation report.
 
 Single answers run in the server process (inference only): the run's model is
-loaded once through `l2t.evaluate.load_run` and kept until another run is
-asked for; `l2t.evaluate.caption_pair` gives both answers, the base one with
+loaded once through `l2t.generation.load_run` and kept until another run is
+asked for; `l2t.generation.caption_pair` gives both answers, the base one with
 the adapter switched off. The batch evaluation is `python -m l2t.evaluate` as a
 subprocess, and its report (RUN_DIR/eval/report.html) is shown in the page.
 """
@@ -19,10 +19,9 @@ from urllib.parse import quote
 
 import gradio as gr
 
-from app.common import AppContext, guarded, list_runs, notice, run_choices, run_dir, run_picker
+from app.common import AppContext, follow_job, guarded, list_runs, notice, run_choices, run_dir, run_picker
 from app.jobs import module_command
-from app.run_view import error_in_log, log_tail
-from l2t import chat, evaluate, runs
+from l2t import chat, evaluate, generation, runs
 from l2t.config import DataConfig
 from l2t.data import Sample
 from l2t.images import ImageSource
@@ -31,7 +30,6 @@ from l2t.synthetic import CAPTION_PROMPTS
 log = logging.getLogger("app.compare")
 
 DEFAULT_PROMPT = CAPTION_PROMPTS[0]
-EVAL_LOG = "evaluate.log"
 
 
 class ModelCache:
@@ -43,14 +41,14 @@ class ModelCache:
         self._value = None
 
     def get(self, folder: Path):
-        """(RunFolder, model, encoder); call with `lock` held (generation switches the adapter off and on)."""
-        adapter = folder / runs.ADAPTER / "adapter_config.json"
+        """(TrainedRun, model, encoder); call with `lock` held (generation switches the adapter off and on)."""
+        adapter = folder / runs.ADAPTER_CONFIG
         key = (str(folder.resolve()), adapter.stat().st_mtime_ns if adapter.exists() else 0)
         if key != self._key:
             self._key, self._value = None, None
             gc.collect()
-            run = evaluate.open_run(folder)
-            model, encoder = evaluate.load_run(run)
+            run = runs.open_trained_run(folder)
+            model, encoder = generation.load_run(run)
             self._key, self._value = key, (run, model, encoder)
             log.info("loaded the model of %s", folder)
         return self._value
@@ -69,7 +67,7 @@ def _checked_image(path: str, max_pixels: int):
 def check_image(context: AppContext, run: str | None, path: str | None):
     if not path:
         return None
-    data = evaluate.open_run(run_dir(context, run)).config.data if run else DataConfig()
+    data = runs.open_trained_run(run_dir(context, run)).config.data if run else DataConfig()
     return _checked_image(path, data.max_image_pixels)
 
 
@@ -82,7 +80,7 @@ def compare(context: AppContext, run: str | None, image, prompt: str):
     started = time.time()
     with MODELS.lock:
         _, model, encoder = MODELS.get(folder)
-        base, tuned = evaluate.caption_pair(model, encoder, image, prompt)
+        base, tuned = generation.caption_pair(model, encoder, image, prompt)
     log.info("compare on %s took %.1f s", run, time.time() - started)
     return base, tuned
 
@@ -92,11 +90,11 @@ def held_out_sample(context: AppContext, run: str | None, position: int):
     """The next held-out sample of the run: its image, question and reference answer."""
     if not run:
         raise gr.Error("Pick a finished run first.")
-    folder_run = evaluate.open_run(run_dir(context, run))
-    samples, source, _ = evaluate.load_test_samples(folder_run, None, None)
+    trained = runs.open_trained_run(run_dir(context, run))
+    samples, source, _ = evaluate.load_test_samples(trained, None, None)
     with_image = [s for s in samples if s.images] or samples
     sample: Sample = with_image[int(position) % len(with_image)]
-    messages, reference = evaluate.prompt_and_reference(sample)
+    messages, reference = generation.prompt_and_reference(sample)
     question = messages[-1]["content"].replace(chat.IMAGE, "").strip()
     image = source.open(sample.images[0]) if sample.images and source is not None else None
     shown = f"Held-out sample <b>{html.escape(sample.id)}</b> · reference answer: <i>{html.escape(reference)}</i>"
@@ -104,7 +102,7 @@ def held_out_sample(context: AppContext, run: str | None, position: int):
 
 
 def report_html(folder: Path | None) -> str:
-    report = folder / runs.EVAL / "report.html" if folder is not None else None
+    report = folder / runs.EVAL / runs.EVAL_PAGE if folder is not None else None
     if report is None or not report.exists():
         return notice("No batch evaluation of this run yet.", "info")
     url = f"gradio_api/file={quote(str(report.resolve()))}"
@@ -127,16 +125,15 @@ def run_evaluation(context: AppContext, run: str | None, others: list[str] | Non
     folder = run_dir(context, run)
     extra = [str(run_dir(context, name)) for name in (others or []) if name != run]
     command = module_command("l2t.evaluate", str(folder), *(["--compare", *extra] if extra else []))
-    job = context.jobs.start("evaluate", command, folder, folder / EVAL_LOG)
+    job = context.jobs.start("evaluate", command, folder, folder / runs.EVAL_LOG)
     names = ", ".join([run, *[Path(p).name for p in extra]])
-    while job.running:
-        yield notice(f"Evaluating {names}… ({time.time() - job.started:.0f} s)", "info"), log_tail(job.log_path), gr.update()
-        time.sleep(1.0)
-    tail = log_tail(job.log_path)
-    if job.returncode != 0:
-        yield notice(error_in_log(tail), "error", "The evaluation failed:"), tail, gr.update()
-        return
-    yield notice(f"Evaluated in {time.time() - job.started:.0f} s.", "ok"), tail, report_html(folder)
+    yield from follow_job(
+        job,
+        lambda seconds, _: f"Evaluating {names}… ({seconds:.0f} s)",
+        "The evaluation failed:",
+        lambda: (notice(f"Evaluated in {time.time() - job.started:.0f} s.", "ok"), report_html(folder)),
+        failed_result=gr.update(),
+    )
 
 
 def build_compare_tab(context: AppContext, demo: gr.Blocks) -> None:
@@ -171,7 +168,7 @@ def build_compare_tab(context: AppContext, demo: gr.Blocks) -> None:
         )
         evaluate_button = gr.Button("Run the batch evaluation", scale=1)
     eval_status = gr.HTML()
-    with gr.Accordion("evaluate.log", open=False):
+    with gr.Accordion(runs.EVAL_LOG, open=False):
         eval_log = gr.Textbox(show_label=False, lines=10, max_lines=10, autoscroll=True, interactive=False, elem_classes="l2t-log")
     report = gr.HTML(report_html(None))
     position = gr.State(0)

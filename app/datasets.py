@@ -2,10 +2,10 @@
 
 A `DataSelection` (kept per browser session) is a data file, its image root
 and the user's edits to the mined task templates. Everything shown is read
-through the library: `l2t.train.prepare_data` loads and checks the data,
+through the library: `l2t.prepare.prepare_data` loads and checks the data,
 splits off the held-out part and mines the templates exactly as a training run
-of the chosen preset will; `l2t.masking` encodes a sample and says which
-tokens are in the loss.
+of the chosen preset will; `l2t.masking.mask_preview` encodes a sample and
+says which tokens are in the loss.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from l2t import chat
 from l2t.config import ConfigError, load_config
 from l2t.data import REASONS, DataReport, Sample
 from l2t.images import ImageError
-from l2t.masking import Encoder, preview_tokens
+from l2t.masking import Encoder, mask_preview
+from l2t.models import load_processor
+from l2t.prepare import data_paths, prepare_data
 from l2t.synthetic import bundled_dir
 from l2t.templates import TaskTemplate, apply_edits
 
@@ -69,8 +71,6 @@ def data_overrides(selection: DataSelection, preset: str, for_training: bool) ->
 
 @functools.lru_cache(maxsize=16)
 def preset_defaults_to_demo(preset: str) -> bool:
-    from l2t.train import data_paths
-
     try:
         path, _, _ = data_paths(load_config(preset))
     except ConfigError:
@@ -115,8 +115,6 @@ def _stamp(path: str) -> tuple:
 
 def inspect_data(selection: DataSelection, preset: str) -> Inspection:
     """Load, check and mine the selection as a run of `preset` would (cached per file version)."""
-    from l2t.train import prepare_data
-
     key = (preset, selection.path, selection.images, _stamp(selection.path), _stamp(selection.images))
     with _cache_lock:
         if key in _cache:
@@ -133,8 +131,6 @@ def inspect_data(selection: DataSelection, preset: str) -> Inspection:
 
 @functools.lru_cache(maxsize=4)
 def processor_for(preset: str):
-    from l2t.models import load_processor
-
     return load_processor(load_config(preset).model)
 
 
@@ -216,17 +212,13 @@ def preview(selection: DataSelection, preset: str, index: int, mode: str) -> str
     """The coloured mask of sample `index` under loss `mode`, as the preset's tokenizer splits it."""
     inspection = inspect_data(selection, preset)
     sample = inspection.samples[max(0, min(int(index), len(inspection.samples) - 1))]
-    config = load_config(preset)
-    templates = effective_templates(inspection, selection)
-    encoder = Encoder(processor_for(preset), chat.FORMATS[config.model.prompt_format], [t.sentence for t in templates])
-    encoded = encoder.encode(sample.messages, sample.image_sizes)
-    tokens = preview_tokens(encoded, encoder.tokenizer, mode)
-    in_loss = sum(flag for _, _, flag in tokens)
+    encoder = Encoder.from_config(load_config(preset), processor_for(preset), effective_templates(inspection, selection))
+    preview = mask_preview(encoder, sample, mode)
     caption = (
-        f"sample {sample.id} · {len(tokens)} tokens, {in_loss} in the loss · "
-        f"loss mode {mode} · tokenizer of preset {preset} · {len(templates)} task templates"
+        f"sample {preview.sample_id} · {len(preview.tokens)} tokens, {preview.in_loss} in the loss · "
+        f"loss mode {preview.mode} · tokenizer of preset {preset} · {preview.task_templates} task templates"
     )
-    return mask_html(tokens, caption)
+    return mask_html(preview.tokens, caption)
 
 
 # ---------------------------------------------------------------- the template table

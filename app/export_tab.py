@@ -10,20 +10,17 @@ from __future__ import annotations
 import html
 import os
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
 import gradio as gr
 
-from app.common import AppContext, guarded, notice, run_choices, run_dir, run_picker
+from app.common import AppContext, follow_job, guarded, notice, run_choices, run_dir, run_picker
 from app.jobs import module_command
-from app.run_view import error_in_log, log_tail
-from l2t import evaluate, runs
-from l2t.merge import REPORT, parity_lines
-
-MERGED = "merged"
-MERGE_LOG = "merge.log"
+from l2t import runs
+from l2t.files import read_json
+from l2t.merge import REPORT
+from l2t.model_card import parity_lines
 
 
 def _size(folder: Path) -> int:
@@ -35,7 +32,7 @@ def result_html(out: Path) -> str:
     path = out / REPORT
     if not path.exists():
         return notice("Not merged yet.", "info")
-    report = runs.read_json(path)
+    report = read_json(path)
     parity = report.get("parity")
     kind = "warn" if parity is None else ("ok" if parity.get("passed") else "error")
     headline, *details = parity_lines(report)
@@ -52,8 +49,8 @@ def result_html(out: Path) -> str:
 def show_result(context: AppContext, run: str | None):
     if not run:
         return notice("Pick a finished run.", "info"), None
-    out = run_dir(context, run) / MERGED
-    report = runs.read_json(out / REPORT) if (out / REPORT).exists() else None
+    out = run_dir(context, run) / runs.MERGED
+    report = read_json(out / REPORT) if (out / REPORT).exists() else None
     return result_html(out), report
 
 
@@ -62,20 +59,16 @@ def merge(context: AppContext, run: str | None):
     if not run:
         raise gr.Error("Pick a finished run first (train one in the Train tab).")
     folder = run_dir(context, run)
-    evaluate.open_run(folder)  # a clear message if the run has no adapter yet
-    out = folder / MERGED
+    runs.open_trained_run(folder)  # a clear message if the run has no adapter yet
+    out = folder / runs.MERGED
     command = module_command("l2t.merge", str(folder), "--out", str(out), "--overwrite")
-    job = context.jobs.start("merge", command, folder, folder / MERGE_LOG)
-    while job.running:
-        tail = log_tail(job.log_path)
+    job = context.jobs.start("merge", command, folder, folder / runs.MERGE_LOG)
+
+    def progress(seconds: float, tail: str) -> str:
         last = tail.splitlines()[-1] if tail else "starting"
-        yield notice(f"Merging… ({time.time() - job.started:.0f} s) {last[:160]}", "info"), tail, gr.update()
-        time.sleep(1.0)
-    tail = log_tail(job.log_path)
-    if job.returncode != 0:
-        yield notice(error_in_log(tail), "error", "The merge failed:"), tail, None
-        return
-    yield result_html(out), tail, runs.read_json(out / REPORT)
+        return f"Merging… ({seconds:.0f} s) {last[:160]}"
+
+    yield from follow_job(job, progress, "The merge failed:", lambda: (result_html(out), read_json(out / REPORT)))
 
 
 @guarded
@@ -85,7 +78,7 @@ def adapter_zip(context: AppContext, run: str | None) -> str:
         raise gr.Error("Pick a finished run first.")
     folder = run_dir(context, run)
     adapter = folder / runs.ADAPTER
-    evaluate.open_run(folder)
+    runs.open_trained_run(folder)
     target = folder / f"{run}-adapter.zip"
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapter-zip.", suffix=".tmp")
     os.close(fd)
@@ -115,11 +108,11 @@ def build_export_tab(context: AppContext, demo: gr.Blocks) -> None:
             )
             merge_button = gr.Button("Merge and check", variant="primary", elem_id="merge-button")
             result = gr.HTML(notice("Pick a finished run.", "info"))
-            with gr.Accordion("merge.log and merge_report.json", open=False):
+            with gr.Accordion(f"{runs.MERGE_LOG} and {REPORT}", open=False):
                 merge_log = gr.Textbox(
-                    label="merge.log", lines=10, max_lines=10, autoscroll=True, interactive=False, elem_classes="l2t-log"
+                    label=runs.MERGE_LOG, lines=10, max_lines=10, autoscroll=True, interactive=False, elem_classes="l2t-log"
                 )
-                report = gr.JSON(label="merge_report.json")
+                report = gr.JSON(label=REPORT)
         with gr.Column(scale=2, elem_classes="l2t-card"):
             gr.Markdown("#### Download the adapter\nA few MB: load it on top of the base model with `PeftModel.from_pretrained`.")
             zip_button = gr.Button("Zip the adapter")

@@ -151,10 +151,7 @@ class JobManager:
         if not runs_dir.is_dir():
             return None
         for status_path in runs_dir.glob(f"*/{runs.STATUS}"):
-            try:
-                status = runs.read_json(status_path)
-            except (OSError, ValueError):
-                continue
+            status = runs.read_status(status_path.parent)
             pid = status.get("pid")
             if status.get("state") == "running" and isinstance(pid, int) and pid_alive(pid) and _is_training(pid):
                 run_dir = status_path.parent

@@ -21,8 +21,7 @@ from app.datasets import DataSelection, data_overrides, template_overrides
 from app.jobs import Job, JobManager, module_command
 from l2t import runs
 from l2t.config import Config, ConfigError, field_docs, load_config, parse_override
-
-LAUNCH = "launch.yaml"
+from l2t.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -156,8 +155,8 @@ def write_launch_config(run_dir: Path, preset: str, overrides: list[str], comman
     header = "# L2T Studio settings for this run (the file passed with --config). Equivalent command:\n"
     header += "".join(f"#   {line}\n" for line in command.splitlines())
     text = header + yaml.safe_dump({"preset": preset, **_nested(overrides)}, sort_keys=False, allow_unicode=True)
-    path = run_dir / LAUNCH
-    runs.atomic_write_text(path, text)
+    path = run_dir / runs.LAUNCH
+    atomic_write_text(path, text)
     return path
 
 
@@ -172,7 +171,7 @@ def start_training(jobs: JobManager, run_dir: Path, preset: str, overrides: list
     try:
         return jobs.start("train", _train_command(preset, run_dir), run_dir, run_dir / runs.LOG)
     except Exception:
-        for path in (run_dir / LAUNCH, run_dir / runs.LOG):
+        for path in (run_dir / runs.LAUNCH, run_dir / runs.LOG):
             path.unlink(missing_ok=True)
         run_dir.rmdir()
         raise
@@ -180,9 +179,9 @@ def start_training(jobs: JobManager, run_dir: Path, preset: str, overrides: list
 
 def resume_training(jobs: JobManager, run_dir: Path) -> Job:
     """Relaunch a run from its last checkpoint, with the settings it was started with."""
-    launch = run_dir / LAUNCH
+    launch = run_dir / runs.LAUNCH
     if not launch.exists():
-        raise ConfigError(f"{run_dir.name} was not started from this UI (no {LAUNCH}); resume it with python -m l2t.train --resume")
+        raise ConfigError(f"{run_dir.name} was not started from this UI (no {runs.LAUNCH}); resume it with python -m l2t.train --resume")
     preset = (yaml.safe_load(launch.read_text(encoding="utf-8")) or {}).get("preset")
     if not isinstance(preset, str):
         raise ConfigError(f"{launch}: no preset named")
@@ -190,4 +189,4 @@ def resume_training(jobs: JobManager, run_dir: Path) -> Job:
 
 
 def _train_command(preset: str, run_dir: Path, *extra: str) -> list[str]:
-    return module_command("l2t.train", "--preset", preset, "--config", str(run_dir / LAUNCH), "--output", str(run_dir), *extra)
+    return module_command("l2t.train", "--preset", preset, "--config", str(run_dir / runs.LAUNCH), "--output", str(run_dir), *extra)

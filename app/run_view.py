@@ -35,14 +35,6 @@ class TrainState:
     error: str = ""
 
 
-def read_status(run_dir: Path) -> dict:
-    try:
-        status = runs.read_json(run_dir / runs.STATUS)
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
-
-
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64_000) -> str:
     """The last lines of a log, with progress-bar redraws (carriage returns) collapsed."""
     try:
@@ -81,7 +73,7 @@ def train_state(job: Job | None, run_dir: Path | None) -> TrainState:
     """The state of the run a Train tab shows: the server's job, else what its folder says."""
     if run_dir is None:
         return TrainState("none")
-    status = read_status(run_dir)
+    status = runs.read_status(run_dir)
     result = TrainState(
         status.get("state", "none"), run_dir.name, int(status.get("step", 0)), int(status.get("total", 0)), status.get("eta_s")
     )

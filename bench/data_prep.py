@@ -54,9 +54,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         synthetic.generate(tmp, n=args.n, seed=0, n_test=20)
         samples, _ = load_samples(Path(tmp) / "train.json")
-    templates = [t.sentence for t in mine_templates([s.instructions() for s in samples])]
-    fmt = chat.FORMATS[config.model.prompt_format]
-    encoder = Encoder(processor, fmt, templates)
+    templates = mine_templates([s.instructions() for s in samples])
+    encoder = Encoder.from_config(config, processor, templates)
+    fmt = encoder.fmt
     tokenizer = encoder.tokenizer
 
     def expanded_text(sample):

@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from l2t import evaluate, runs, synthetic
+from l2t import evaluate, generation, runs, scoring, synthetic
 from l2t.data import load_samples
 from l2t.images import ImageSource
 
@@ -50,8 +50,8 @@ def train_short_run(folder: Path) -> Path:
 def timed_answers_and_scores(model, encoder, items, max_new_tokens: int, batch_size: int) -> float:
     started = time.perf_counter()
     base, tuned = evaluate.base_and_tuned_answers(model, encoder, items, "tuned", max_new_tokens, batch_size)
-    evaluate.score_answers(items, base)
-    evaluate.score_answers(items, tuned)
+    scoring.score_answers(items, base)
+    scoring.score_answers(items, tuned)
     return time.perf_counter() - started
 
 
@@ -68,11 +68,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="a tiny-preset run folder (default: train a short one)")
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=evaluate.DEFAULT_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, default=generation.DEFAULT_BATCH_SIZE)
     parser.add_argument(
         "--baseline-samples", type=int, default=50, help="samples the one-at-a-time baseline runs on (its time is scaled to --samples)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=evaluate.DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--max-new-tokens", type=int, default=generation.DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many runs (the machine may be shared)")
     args = parser.parse_args()
 
@@ -82,11 +82,11 @@ def main() -> int:
     synthetic.generate(work / "test", n=1, seed=7, n_test=args.samples)
     test_file = work / "test" / "test.json"
 
-    folder = evaluate.open_run(run_dir)
-    model, encoder = evaluate.load_run(folder)
+    folder = runs.open_trained_run(run_dir)
+    model, encoder = generation.load_run(folder)
     samples, _ = load_samples(test_file, work / "test")
     items, _ = evaluate.load_test_items(samples, ImageSource(work / "test"))
-    kinds = {kind: sum(item.kind == kind for item in items) for kind in evaluate.KINDS}
+    kinds = {kind: sum(item.kind == kind for item in items) for kind in scoring.KINDS}
     timed_answers_and_scores(model, encoder, items[:4], args.max_new_tokens, args.batch_size)  # warm-up
 
     batched = [timed_answers_and_scores(model, encoder, items, args.max_new_tokens, args.batch_size) for _ in range(args.repeats)]

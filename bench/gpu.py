@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from l2t.config import load_config  # noqa: E402
 from l2t.models import add_lora, load_base_model  # noqa: E402
 from l2t.presets import load_architecture_config  # noqa: E402
-from l2t.train import L2TTrainer  # noqa: E402
+from l2t.trainer import L2TTrainer  # noqa: E402
 
 PRESETS = ("llava-interleave-0.5b", "tinyllava", "llava-1.5-7b")
 TEXT_TOKENS, ANSWER_TOKENS, INSTRUCTION_TOKENS = 100, 30, 60

@@ -33,6 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from l2t import evaluate, runs, synthetic
+from l2t.files import atomic_write_text
+from l2t.report import format_number, table_value
 from l2t.synthetic import bundled_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,12 +72,7 @@ def train_command(out_dir: Path, mode: str, seed: int) -> list[str]:
 
 
 def finished(run_dir: Path) -> bool:
-    status = run_dir / runs.STATUS
-    return (
-        (run_dir / runs.ADAPTER / "adapter_config.json").is_file()
-        and status.is_file()
-        and runs.read_json(status).get("state") == "finished"
-    )
+    return runs.is_trained(run_dir) and runs.read_status(run_dir).get("state") == "finished"
 
 
 def train_all(out_dir: Path, seeds: list[int]) -> tuple[list[Path], float]:
@@ -102,7 +99,7 @@ def train_all(out_dir: Path, seeds: list[int]) -> tuple[list[Path], float]:
 
 def metric_values(report: dict, mode: str, seeds: list[int], section: str, key: str) -> list[float | None]:
     by_name = {m["name"]: m["metrics"] for m in report["models"]}
-    return [evaluate.table_value(by_name[f"{mode}-seed{seed}"], section, key) for seed in seeds]
+    return [table_value(by_name[f"{mode}-seed{seed}"], section, key) for seed in seeds]
 
 
 def paired_differences(report: dict, seeds: list[int], section: str, key: str) -> list[float]:
@@ -124,7 +121,7 @@ def per_mode_table(report: dict, seeds: list[int]) -> str:
     base = next(m["metrics"] for m in report["models"] if m["name"] == "base")
     lines = ["| | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     lines.append(
-        "| base (untuned) | " + " | ".join(evaluate.format_number(evaluate.table_value(base, s, k)) for _, s, k, _ in COLUMNS) + " |"
+        "| base (untuned) | " + " | ".join(format_number(table_value(base, s, k)) for _, s, k, _ in COLUMNS) + " |"
     )
     for mode in MODES:
         lines.append(
@@ -140,7 +137,7 @@ def per_seed_table(report: dict) -> str:
     for model in report["models"]:
         lines.append(
             f"| {model['name']} | "
-            + " | ".join(evaluate.format_number(evaluate.table_value(model["metrics"], s, k)) for _, s, k, _ in COLUMNS)
+            + " | ".join(format_number(table_value(model["metrics"], s, k)) for _, s, k, _ in COLUMNS)
             + " |"
         )
     return "\n".join(lines)
@@ -301,7 +298,7 @@ def main() -> int:
         large = evaluate_split(run_dirs, out_dir / "large-split" / "test.json", out_dir / "eval-large-split", command)
     seconds = {"train": train_seconds, "eval": time.perf_counter() - started}
 
-    runs.atomic_write_text(Path(args.results), results_markdown(bundled, large, args.seeds, command, seconds))
+    atomic_write_text(Path(args.results), results_markdown(bundled, large, args.seeds, command, seconds))
     print(per_mode_table(bundled, args.seeds))
     if large:
         print(per_mode_table(large, args.seeds))

@@ -87,7 +87,6 @@ def measure(config_name: str, model_dir: str | None, steps: int, warmup: int, ba
     from transformers import Trainer, TrainingArguments
 
     from l2t.batch import Collator, TrainingSet, encode_samples
-    from l2t.chat import FORMATS
     from l2t.config import load_config
     from l2t.data import load_samples
     from l2t.images import ImageSource
@@ -95,7 +94,7 @@ def measure(config_name: str, model_dir: str | None, steps: int, warmup: int, ba
     from l2t.models import load_for_training
     from l2t.synthetic import bundled_dir
     from l2t.templates import mine_templates
-    from l2t.train import L2TTrainer
+    from l2t.trainer import L2TTrainer
 
     overrides = ["model.check_chat_template=false"] + ([f"model.hub_id={model_dir}"] if model_dir else [])
     config = load_config("tiny", overrides=overrides)
@@ -103,8 +102,7 @@ def measure(config_name: str, model_dir: str | None, steps: int, warmup: int, ba
     model, processor = load_for_training(config, device="cpu")
     root = bundled_dir()
     samples, _ = load_samples(root / "train.json")
-    templates = [t.sentence for t in mine_templates([s.instructions() for s in samples])]
-    encoder = Encoder(processor, FORMATS[config.model.prompt_format], templates)
+    encoder = Encoder.from_config(config, processor, mine_templates([s.instructions() for s in samples]))
     images = ImageSource(root)
     pad = processor.tokenizer.pad_token_id
 

@@ -4,7 +4,7 @@ Each sample is encoded once, before training (that is also how its length is
 known for the image-token budget and for length-grouped batching); images are
 decoded and processed when a batch is drawn. Besides the model's inputs a batch
 carries `labels`, `loss_weights` and `loss_kinds` (1 on prompt-side tokens in
-the loss, 2 on response tokens in the loss), which `l2t.train` uses to compute
+the loss, 2 on response tokens in the loss), which `l2t.trainer` uses to compute
 and log the instruction and response losses separately.
 """
 

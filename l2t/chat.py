@@ -54,6 +54,19 @@ class PromptFormat:
     turn_end: str = ""
 
 
+# ChatML with LLaVA's `<image>` (llava-interleave-qwen, llava-onevision)
+_CHATML = PromptFormat(
+    name="chatml",
+    image_separator="\n",
+    system_start="<|im_start|>system\n",
+    system_end="<|im_end|>\n",
+    user_start="<|im_start|>user\n",
+    user_end="<|im_end|>\n",
+    assistant_start="<|im_start|>assistant\n",
+    response_end="<|im_end|>",
+    turn_end="\n",
+)
+
 FORMATS: dict[str, PromptFormat] = {
     f.name: f
     for f in [
@@ -83,30 +96,14 @@ FORMATS: dict[str, PromptFormat] = {
             response_lead=" ",
             response_end="</s>",
         ),
-        # ChatML with LLaVA's `<image>` (llava-interleave-qwen, llava-onevision)
-        PromptFormat(
-            name="chatml",
-            image_separator="\n",
-            system_start="<|im_start|>system\n",
-            system_end="<|im_end|>\n",
-            user_start="<|im_start|>user\n",
-            user_end="<|im_end|>\n",
-            assistant_start="<|im_start|>assistant\n",
-            response_end="<|im_end|>",
-            turn_end="\n",
-        ),
+        _CHATML,
         # Qwen2-VL: ChatML, default system prompt, vision start/pad/end tokens
-        PromptFormat(
+        replace(
+            _CHATML,
             name="qwen2-vl",
             image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+            image_separator="",
             default_system="You are a helpful assistant.",
-            system_start="<|im_start|>system\n",
-            system_end="<|im_end|>\n",
-            user_start="<|im_start|>user\n",
-            user_end="<|im_end|>\n",
-            assistant_start="<|im_start|>assistant\n",
-            response_end="<|im_end|>",
-            turn_end="\n",
         ),
         # SmolVLM / Idefics3: `<|im_start|>User:<image>q<end_of_utterance>\nAssistant: a<end_of_utterance>\n`
         PromptFormat(

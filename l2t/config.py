@@ -11,6 +11,7 @@ dropped. `validate()` then checks ranges before any weights load.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +19,23 @@ from typing import Any
 
 import yaml
 
-from l2t import templates as _templates
+from l2t.chat import FORMATS
+from l2t.errors import L2TError
+from l2t.files import atomic_write_text
 from l2t.images import DEFAULT_MAX_PIXELS
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
-LOSS_MODES = ("response", "l2t", "l2t_keep_task_templates", "l2t_full")
+LOSS_MODE_DESCRIPTIONS = {
+    "response": "response tokens only (standard visual instruction tuning)",
+    "l2t": "L2T: instruction + response tokens, minus system templates and task templates",
+    "l2t_keep_task_templates": "L2T keeping task templates: instruction + response tokens, minus system templates",
+    "l2t_full": "every prompt and response token (train on prompt)",
+}
+LOSS_MODES = tuple(LOSS_MODE_DESCRIPTIONS)
 QUANT_MODES = ("4bit", "8bit", "none")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+DTYPES = {"auto": "", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""model.dtype names -> the torch dtype each stands for (auto: chosen per device, see l2t.models)."""
 MODEL_CLASSES = (
     "LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration",
@@ -34,7 +44,7 @@ MODEL_CLASSES = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(L2TError, ValueError):
     """A config key or value that cannot be used; the message names the key."""
 
 
@@ -147,13 +157,14 @@ class LossConfig:
 
 @dataclass
 class TemplatesConfig:
-    min_fraction: float = _templates.DEFAULT_MIN_FRACTION
+    # Why these thresholds: the "Selection defaults, and why" part of l2t.templates.
+    min_fraction: float = 0.005
     """A sentence is a task template if it occurs in at least this share of samples ..."""
-    min_count: int = _templates.DEFAULT_MIN_COUNT
+    min_count: int = 10
     """... and in at least this many samples ..."""
-    min_words: int = _templates.DEFAULT_MIN_WORDS
+    min_words: int = 3
     """... and has at least this many words."""
-    top_k: int = _templates.DEFAULT_TOP_K
+    top_k: int = 50
     """At most this many templates, the most frequent first."""
     add: list = field(default_factory=list)
     """Sentences to treat as task templates whatever their count."""
@@ -339,12 +350,8 @@ def validate(config: Config) -> None:
     check(m.quant in QUANT_MODES, "model.quant", m.quant, f"must be one of {', '.join(QUANT_MODES)}")
     check(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
     check(m.image_max_pixels >= 0, "model.image_max_pixels", m.image_max_pixels, "must be >= 0")
-    from l2t.chat import FORMATS  # late: chat imports nothing from here, but keep config import-light
-
     check(m.prompt_format in FORMATS, "model.prompt_format", m.prompt_format, f"must be one of {', '.join(sorted(FORMATS))}")
     try:
-        import re
-
         re.compile(m.lora_target)
     except re.error as exc:
         raise ConfigError(f"model.lora_target={m.lora_target!r}: not a valid regex: {exc}") from None
@@ -374,6 +381,4 @@ def validate(config: Config) -> None:
 
 
 def save_config(config: Config, path: Path) -> None:
-    from l2t.runs import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))

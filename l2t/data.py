@@ -29,7 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from l2t.chat import IMAGE
+from l2t.errors import L2TError, print_error
+from l2t.files import atomic_write_json
 from l2t.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource
+from l2t.masking import preview_sample
 
 ROLE_NAMES = {
     "human": "user", "user": "user",
@@ -111,7 +114,7 @@ class DataReport:
                 "problems": [asdict(p) for p in self.problems]}  # fmt: skip
 
 
-class DataError(Exception):
+class DataError(L2TError):
     """The data can't be used at all (or strict mode found problems); carries the report."""
 
     def __init__(self, message: str, report: DataReport | None = None):
@@ -178,17 +181,26 @@ def _text(value, where: str) -> str:
     return value
 
 
-def _llava_turns(record: dict) -> tuple[list[dict], list[str]]:
-    turns = record["conversations"]
+def _turn_list(record: dict, name: str) -> list:
+    turns = record[name]
     if not isinstance(turns, list):
-        raise _Bad("wrong_type", f"'conversations' must be a list, got {type(turns).__name__}")
+        raise _Bad("wrong_type", f"'{name}' must be a list, got {type(turns).__name__}")
+    return turns
+
+
+def _checked_turn(turn, where: str, keys: tuple[str, str]) -> dict:
+    if not isinstance(turn, dict):
+        raise _Bad("wrong_type", f"{where} must be an object, got {type(turn).__name__}")
+    for key in keys:
+        if key not in turn:
+            raise _Bad("missing_field", f"{where} has no '{key}'")
+    return turn
+
+
+def _llava_turns(record: dict) -> tuple[list[dict], list[str]]:
     messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise _Bad("wrong_type", f"conversations[{i}] must be an object, got {type(turn).__name__}")
-        for key in ("from", "value"):
-            if key not in turn:
-                raise _Bad("missing_field", f"conversations[{i}] has no '{key}'")
+    for i, turn in enumerate(_turn_list(record, "conversations")):
+        _checked_turn(turn, f"conversations[{i}]", ("from", "value"))
         role = ROLE_NAMES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise _Bad("unknown_role", f"conversations[{i}] has 'from': {turn['from']!r}; expected human, gpt or system")
@@ -212,17 +224,10 @@ def _llava_turns(record: dict) -> tuple[list[dict], list[str]]:
 
 
 def _messages_turns(record: dict) -> tuple[list[dict], list[str]]:
-    turns = record["messages"]
-    if not isinstance(turns, list):
-        raise _Bad("wrong_type", f"'messages' must be a list, got {type(turns).__name__}")
     messages = []
     part_images = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise _Bad("wrong_type", f"messages[{i}] must be an object, got {type(turn).__name__}")
-        for key in ("role", "content"):
-            if key not in turn:
-                raise _Bad("missing_field", f"messages[{i}] has no '{key}'")
+    for i, turn in enumerate(_turn_list(record, "messages")):
+        _checked_turn(turn, f"messages[{i}]", ("role", "content"))
         role = turn["role"]
         if role not in ("system", "user", "assistant"):
             raise _Bad("unknown_role", f"messages[{i}] has role {role!r}; expected system, user or assistant")
@@ -376,22 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         samples, report = load_samples(args.data, args.images, strict=False)
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return print_error(exc)
     if args.command == "check":
         print(report.summary())
         if args.json:
-            from l2t.runs import atomic_write_json
-
             atomic_write_json(Path(args.json), report.to_dict())
         return 1 if args.strict and report.problems else 0
-    from l2t.masking import preview_sample
-
     try:
         print(preview_sample(samples, index=args.index, preset=args.preset, mode=args.mode))
-    except (ValueError, IndexError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (L2TError, ValueError, IndexError, OSError) as exc:
+        return print_error(exc)
     return 0
 
 

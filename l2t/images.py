@@ -18,6 +18,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from l2t.errors import L2TError
+
 MAX_ARCHIVE_MEMBERS = 2_000_000
 DEFAULT_MAX_PIXELS = 50_000_000
 MAX_ARCHIVE_BYTES = 64 * 1024**3
@@ -27,7 +29,7 @@ MAX_ARCHIVE_BYTES = 64 * 1024**3
 MAX_IMAGE_BYTES = 1024**3
 
 
-class ImageError(Exception):
+class ImageError(L2TError):
     """An image that can't be used; `code` is a reason code, str() a sentence."""
 
     def __init__(self, code: str, message: str):

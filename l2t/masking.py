@@ -17,7 +17,7 @@ Loss modes, as sets of roles in the loss:
 Labels are the input ids where a token is in the loss and -100 elsewhere; the
 model shifts them itself. Weights carry `loss.instruction_weight` on prompt-side
 tokens (instruction, task template, and system in l2t_full) and
-`loss.response_weight` on response tokens; `l2t.train` divides the weighted sum
+`loss.response_weight` on response tokens; `l2t.trainer` divides the weighted sum
 of token losses by the number of tokens in the loss, so with both weights at 1
 the loss is the usual mean over labelled tokens.
 """
@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 from l2t import chat
-from l2t.templates import template_spans
+from l2t.config import Config, load_config
+from l2t.templates import TaskTemplate, mine_with_settings, template_spans
 
 IGNORE = -100
 
@@ -129,6 +130,11 @@ class Encoder:
         self._size_free = name == "LlavaProcessor" or (
             name == "Idefics3Processor" and not getattr(image_processor, "do_image_splitting", False)
         )
+
+    @classmethod
+    def from_config(cls, config: Config, processor, task_templates: list[TaskTemplate] = ()) -> Encoder:
+        """The encoder of a run of `config`: its model's processor, its prompt format, its task templates."""
+        return cls(processor, chat.FORMATS[config.model.prompt_format], [t.sentence for t in task_templates])
 
     def image_replacement(self, size: tuple[int, int]) -> str:
         """The text the processor puts in place of one image of this (width, height)."""
@@ -229,6 +235,28 @@ def preview_tokens(encoded: Encoded, tokenizer, mode: str) -> list[tuple[str, st
     return [(text, Role(int(r)).name.lower(), bool(lab != IGNORE)) for text, r, lab in zip(texts, encoded.roles, labels, strict=True)]
 
 
+@dataclass
+class MaskPreview:
+    """One sample's tokens under one loss mode, as `python -m l2t.data preview` and the UI show them."""
+
+    sample_id: str
+    mode: str
+    task_templates: int
+    """How many task templates the encoder knew."""
+    tokens: list[tuple[str, str, bool]]
+    """(token text, role name, in the loss) per token."""
+
+    @property
+    def in_loss(self) -> int:
+        return sum(flag for _, _, flag in self.tokens)
+
+
+def mask_preview(encoder: Encoder, sample, mode: str) -> MaskPreview:
+    """The mask of an `l2t.data.Sample` under loss `mode`, as `encoder`'s tokenizer splits it."""
+    encoded = encoder.encode(sample.messages, sample.image_sizes)
+    return MaskPreview(sample.id, mode, len(encoder.task_templates), preview_tokens(encoded, encoder.tokenizer, mode))
+
+
 def format_preview(tokens: list[tuple[str, str, bool]]) -> str:
     """Runs of tokens with the same role and loss flag, one per line (image runs collapsed)."""
     lines = []
@@ -247,23 +275,17 @@ def format_preview(tokens: list[tuple[str, str, bool]]) -> str:
 
 def preview_sample(samples, index: int, preset: str = "tiny", mode: str | None = None) -> str:
     """The `python -m l2t.data preview` text for one sample."""
-    from l2t.config import load_config
-    from l2t.models import load_processor
-    from l2t.templates import mine_with_settings
+    from l2t.models import load_processor  # torch and transformers: only loaded when a preview is asked for
 
     config = load_config(preset)
     if not 0 <= index < len(samples):
         raise IndexError(f"--index {index} is out of range: the file has {len(samples)} usable samples")
-    mode = mode or config.loss.mode
-    processor = load_processor(config.model)
     # The same list training uses: mined, then the preset's additions and removals.
     mined = mine_with_settings([s.instructions() for s in samples], config.templates)
-    encoder = Encoder(processor, chat.FORMATS[config.model.prompt_format], [m.sentence for m in mined])
-    sample = samples[index]
-    encoded = encoder.encode(sample.messages, sample.image_sizes)
-    labels, _ = labels_and_weights(encoded, mode)
+    encoder = Encoder.from_config(config, load_processor(config.model), mined)
+    preview = mask_preview(encoder, samples[index], mode or config.loss.mode)
     header = (
-        f"sample {sample.id}: {len(encoded)} tokens, {int((labels != IGNORE).sum())} in the loss "
-        f"(mode {mode}, preset {preset}, {len(mined)} task templates)"
+        f"sample {preview.sample_id}: {len(preview.tokens)} tokens, {preview.in_loss} in the loss "
+        f"(mode {preview.mode}, preset {preset}, {preview.task_templates} task templates)"
     )
-    return header + "\n" + format_preview(preview_tokens(encoded, encoder.tokenizer, mode))
+    return header + "\n" + format_preview(preview.tokens)

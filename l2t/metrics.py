@@ -1,7 +1,7 @@
 """Evaluation metrics over lists of predictions and references.
 
-Pure functions, no model code: `evaluate.py` generates the answers and the
-per-token log-probabilities, and hands the lists to the functions here. Every
+Pure functions, no model code: `l2t.generation` produces the answers and the
+per-token log-probabilities, and `l2t.scoring` hands the lists to the functions here. Every
 function returns a plain, JSON-serialisable dict (Python floats, ints, lists),
 ready to be written to a run's `eval/` folder.
 

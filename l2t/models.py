@@ -19,23 +19,32 @@ import re
 
 import torch
 
-from l2t import chat
-from l2t.config import Config, LoraConfig, ModelConfig
+from l2t import chat, tiny
+from l2t.config import DTYPES, Config, LoraConfig, ModelConfig
+from l2t.errors import L2TError
 
 BUILTIN = {"builtin:tiny"}
 
 
-class ModelError(RuntimeError):
+class ModelError(L2TError, RuntimeError):
     """A model that can't be loaded as configured; the message says what to change."""
 
 
 def source(model: ModelConfig) -> str:
     """Hub id or folder to load from (the built-in tiny model is built on first use)."""
     if model.hub_id == "builtin:tiny":
-        from l2t import tiny
-
         return str(tiny.ensure_built())
     return model.hub_id
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a dtype name other than auto (bf16, fp16, fp32: `l2t.config.DTYPES`)."""
+    return getattr(torch, DTYPES[name])
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The name in `l2t.config.DTYPES` of a torch dtype (None for one without a name there)."""
+    return next((name for name, attribute in DTYPES.items() if attribute and getattr(torch, attribute) == dtype), None)
 
 
 def compute_dtype(model: ModelConfig, device: str | None = None) -> torch.dtype:
@@ -44,7 +53,7 @@ def compute_dtype(model: ModelConfig, device: str | None = None) -> torch.dtype:
         if device == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[model.dtype]
+    return torch_dtype(model.dtype)
 
 
 def load_processor(model: ModelConfig):

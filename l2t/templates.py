@@ -24,7 +24,9 @@ Normalisation
     reviews would no longer be the text that is actually masked.
 
 Selection defaults, and why
-    A sentence is a template when all of these hold:
+    The defaults are the fields of `l2t.config.TemplatesConfig` (a run's
+    `templates` section), named here as the DEFAULT_ constants. A sentence is a
+    template when all of these hold:
 
     - ``fraction >= DEFAULT_MIN_FRACTION`` (0.5% of samples). On LLaVA-mix-665k
       the templates the paper names occur in about a third of the samples
@@ -60,14 +62,15 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from l2t.runs import atomic_write_json, read_json
+from l2t.config import TemplatesConfig
+from l2t.files import atomic_write_json, read_json
 
 IMAGE_PLACEHOLDER = "<image>"
 
-DEFAULT_MIN_FRACTION = 0.005
-DEFAULT_MIN_COUNT = 10
-DEFAULT_MIN_WORDS = 3
-DEFAULT_TOP_K = 50
+DEFAULT_MIN_FRACTION = TemplatesConfig.min_fraction
+DEFAULT_MIN_COUNT = TemplatesConfig.min_count
+DEFAULT_MIN_WORDS = TemplatesConfig.min_words
+DEFAULT_TOP_K = TemplatesConfig.top_k
 
 
 @dataclass(frozen=True)

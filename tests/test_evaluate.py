@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2t import chat, evaluate, runs
+from l2t import chat, evaluate, generation, runs, scoring
 from l2t.data import load_samples
 from l2t.images import ImageSource
 from l2t.synthetic import bundled_dir
@@ -31,7 +31,7 @@ def run_dir(trained_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
-    return evaluate.load_run(evaluate.open_run(trained_run))
+    return generation.load_run(runs.open_trained_run(trained_run))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def vc_summary(model, encoder, items) -> dict:
     ],
 )
 def test_sample_kind_is_read_off_the_reference(reference, has_image, kind):
-    assert evaluate.sample_kind(reference, has_image) == kind
+    assert scoring.sample_kind(reference, has_image) == kind
 
 
 def test_noise_image_is_fixed_and_sized_like_the_image():
@@ -72,10 +72,10 @@ def test_noise_image_is_fixed_and_sized_like_the_image():
 
 def test_named_objects_are_parsed_as_whole_words():
     items = [evaluate.EvalItem("a", "caption", [], "", [], ["dog", "frisbee"]), evaluate.EvalItem("b", "caption", [], "", [], ["cat"])]
-    parse = evaluate.object_parser(items)
+    parse = scoring.object_parser(items)
     assert parse("Two Dogs chase a frisbee; no cats, no doghouse.") == {"dog", "frisbee", "cat"}
-    assert evaluate.ground_truth_objects(["Dog"]) == {"dog"}
-    assert evaluate.ground_truth_objects([{"color": "red", "shape": "circle", "size": "small"}]) == {("red", "circle")}
+    assert scoring.ground_truth_objects(["Dog"]) == {"dog"}
+    assert scoring.ground_truth_objects([{"color": "red", "shape": "circle", "size": "small"}]) == {("red", "circle")}
 
 
 def test_visual_contribution_is_positive_for_the_trained_model_on_its_training_data(loaded, training_items):
@@ -87,13 +87,13 @@ def test_visual_contribution_is_positive_for_the_trained_model_on_its_training_d
 
 
 def test_visual_contribution_is_zero_when_the_vision_input_is_disconnected(trained_run, training_items):
-    model, encoder = evaluate.load_run(evaluate.open_run(trained_run))
+    model, encoder = generation.load_run(runs.open_trained_run(trained_run))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "multi_modal_projector" in name:
                 param.zero_()
     tuned = evaluate.visual_contribution(model, encoder, training_items[:16])
-    with evaluate.base_model_context(model):
+    with generation.base_model_context(model):
         base = evaluate.visual_contribution(model, encoder, training_items[:16])
     for per_token in (tuned, base):
         assert max(abs(v) for values in per_token for v in values) < ZERO_TOLERANCE
@@ -103,11 +103,11 @@ def test_caption_pair_base_answer_is_the_model_with_its_adapter_disabled(loaded)
     model, encoder = loaded
     image = ImageSource(bundled_dir()).open("images/test_00000.png")
     prompt = "Describe the image briefly."
-    before, after = evaluate.caption_pair(model, encoder, image, prompt)
+    before, after = generation.caption_pair(model, encoder, image, prompt)
     messages = [{"role": "user", "content": chat.IMAGE + prompt}]
     with model.disable_adapter():
-        expected_before = evaluate.generate(model, encoder, [(messages, [image])])[0]
-    expected_after = evaluate.generate(model, encoder, [(messages, [image])])[0]
+        expected_before = generation.generate(model, encoder, [(messages, [image])])[0]
+    expected_after = generation.generate(model, encoder, [(messages, [image])])[0]
     assert isinstance(before, str) and isinstance(after, str)
     assert (before, after) == (expected_before, expected_after)
     assert before != after

@@ -33,11 +33,11 @@ import pytest
 import torch
 from PIL import Image
 
-from l2t import runs
+from l2t import files, runs
 from l2t.data import main as data_main
 from l2t.images import ImageSource
 from l2t.merge import main as merge_main
-from l2t.train import checkpoint_complete
+from l2t.runs import checkpoint_complete
 from l2t.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 
 def status_of(run_dir: Path) -> dict:
-    return runs.read_json(run_dir / runs.STATUS)
+    return files.read_json(run_dir / runs.STATUS)
 
 
 def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None, poll: float = 0.01) -> None:
@@ -402,7 +402,7 @@ def test_a_10000_turn_sample_is_dropped_as_too_long_and_the_rest_train(tmp_path,
     assert result.code == 0, result.err[-2000:]
     assert "1 sample(s) exceed train.max_length=128 with their image tokens and are skipped" in result.out
     assert "training 4 samples" in result.out
-    [problem] = runs.read_json(out / runs.DATA_REPORT)["problems"]
+    [problem] = files.read_json(out / runs.DATA_REPORT)["problems"]
     assert (problem["file"], problem["sample"], problem["code"]) == (str(data), "endless", "too_long")
     assert problem["message"].endswith(
         "tokens (image tokens included) > max_length 128; raise train.max_length or lower the image size cap"
@@ -564,7 +564,7 @@ def test_nested_zip_is_not_opened(tmp_path, capsys):
 def test_bad_config_stops_before_anything_is_written(tmp_path, capsys, args, message):
     out = tmp_path / "run"
     result = train_cli(capsys, *args, "--output", out)
-    assert result.code == 2
+    assert result.code == 1
     assert result.err.startswith(message)
     assert "Traceback" not in result.err
     assert not out.exists()
@@ -582,7 +582,7 @@ def test_unknown_key_in_a_config_file_names_the_file(tmp_path, capsys):
     config = tmp_path / "mine.yaml"
     config.write_text("trian:\n  epochs: 2\n")
     result = train_cli(capsys, "--preset", "tiny", "--config", config, "--output", tmp_path / "run")
-    assert result.code == 2
+    assert result.code == 1
     assert result.err.startswith(f"error: {config}: unknown key 'trian'. Valid top-level keys: ")
     assert config.read_text() == "trian:\n  epochs: 2\n" and not (tmp_path / "run").exists()
 
@@ -592,7 +592,7 @@ def test_output_inside_a_regular_file_is_refused(tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("keep me\n")
     result = train_cli(capsys, "--preset", "tiny", "--output", notes / "run")
-    assert result.code == 2
+    assert result.code == 1
     assert result.err.strip() == f"error: output folder {notes / 'run'} is not writable: Not a directory"
     assert notes.read_text() == "keep me\n"
 
@@ -601,7 +601,7 @@ def test_output_that_is_a_regular_file_is_refused(tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("keep me\n")
     result = train_cli(capsys, "--preset", "tiny", "--output", notes)
-    assert result.code == 2
+    assert result.code == 1
     assert result.err.strip() == f"error: output {notes} is a file, not a folder; choose another --output"
     assert notes.read_text() == "keep me\n"
 
@@ -615,7 +615,7 @@ def test_read_only_output_folder_is_refused(tmp_path, capsys):
         result = train_cli(capsys, "--preset", "tiny", "--output", parent / "run")
     finally:
         parent.chmod(0o755)
-    assert result.code == 2
+    assert result.code == 1
     assert result.err.strip() == f"error: output folder {parent / 'run'} is not writable: Permission denied"
     assert not any(parent.iterdir())
 
@@ -624,7 +624,7 @@ def test_output_holding_another_run_is_refused_and_untouched(four_step_run, tmp_
     run = copy_run(four_step_run, tmp_path / "run")
     before = snapshot(run)
     result = train_cli(capsys, *TINY, "--output", run, "train.max_steps=2")
-    assert result.code == 2
+    assert result.code == 1
     assert result.err.strip() == f"error: {run} already holds files; pass --resume to continue that run or --overwrite to replace it"
     assert snapshot(run) == before
 
@@ -922,7 +922,7 @@ def test_killed_job_is_reported_as_killed(tmp_path):
     run.mkdir()
     jobs = JobManager()
     job = jobs.start("train", [sys.executable, "-c", "print('step', 1 + 2, flush=True); import time; time.sleep(60)"], run, run / runs.LOG)
-    runs.atomic_write_json(run / runs.STATUS, {"state": "running", "pid": job.pid, "updated": time.time(), "step": 3, "total": 6})
+    files.atomic_write_json(run / runs.STATUS, {"state": "running", "pid": job.pid, "updated": time.time(), "step": 3, "total": 6})
     wait_for(lambda: "step 3" in (run / runs.LOG).read_text(), 30, "the job's first line")
     os.kill(job.pid, signal.SIGKILL)
     job.wait(30)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2t import chat, merge, runs
+from l2t import chat, merge, parity, runs
 from l2t.batch import process_images
 from l2t.config import config_from_dict, read_yaml
 from l2t.masking import Encoder
@@ -93,7 +93,7 @@ def test_merged_model_matches_the_adapter_in_fp32(merged, trained_run, adapter_m
 
     out, _, _ = merged
     merged_model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
-    ids, prompts, where = merge.check_prompts(run_config(trained_run), trained_run, 4)
+    ids, prompts, where = parity.check_prompts(run_config(trained_run), trained_run, 4)
     assert where == runs.HELD_OUT and all(pictures for _, pictures in prompts)
     for messages, pictures in prompts:
         inputs = prompt_inputs(encoder, messages, pictures)
@@ -213,7 +213,7 @@ def test_existing_output_is_refused_without_overwrite(trained_run, tmp_path, cap
     (out / "weights.safetensors").write_bytes(b"precious")
     (out / "sub" / "notes.txt").write_text("keep me")
     before = listing(tmp_path)
-    assert merge.main([str(trained_run), "--out", str(out)]) == 2
+    assert merge.main([str(trained_run), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "already holds files" in err and "--overwrite" in err and "Traceback" not in err
     assert listing(tmp_path) == before
@@ -253,7 +253,7 @@ def test_clear_errors_before_any_weights_load(trained_run, tmp_path, capsys, wha
         out = tmp_path / "file.txt" / "merged"
     if what == "out is the run":
         out = run
-    assert merge.main([str(run), "--out", str(out)]) == 2
+    assert merge.main([str(run), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
@@ -263,7 +263,7 @@ def test_unwritable_output_folder_is_refused(trained_run, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
-        assert merge.main([str(trained_run), "--out", str(locked / "merged")]) == 2
+        assert merge.main([str(trained_run), "--out", str(locked / "merged")]) == 1
         assert "cannot write in" in capsys.readouterr().err
     finally:
         locked.chmod(0o700)
@@ -295,6 +295,6 @@ def test_a_rerun_puts_back_an_old_folder_that_a_killed_merge_had_moved_aside(tmp
 def test_a_run_without_held_out_samples_is_checked_on_probe_prompts(trained_run, tmp_path):
     run = broken_run(trained_run, tmp_path, "held out nothing")
     (run / runs.HELD_OUT).write_text("[]")
-    ids, prompts, where = merge.check_prompts(run_config(run), run, 3)
+    ids, prompts, where = parity.check_prompts(run_config(run), run, 3)
     assert where.startswith("probe prompts on noise images") and ids == ["probe-0", "probe-1", "probe-2"]
     assert [len(pictures) for _, pictures in prompts] == [1, 1, 1]

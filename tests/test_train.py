@@ -14,7 +14,8 @@ import yaml
 
 from l2t import runs
 from l2t.config import config_from_dict, load_config
-from l2t.train import L2TTrainer, main
+from l2t.train import main
+from l2t.trainer import L2TTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,26 +155,26 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("precious: true\n")
     code = main(["--preset", "tiny", "--output", str(run_dir)])
-    assert code == 2
+    assert code == 1
     assert "already holds files; pass --resume" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_text() == "precious: true\n"
 
 
 def test_resume_without_a_run_is_refused(tmp_path, capsys):
-    assert main(["--preset", "tiny", "--output", str(tmp_path / "none"), "--resume"]) == 2
+    assert main(["--preset", "tiny", "--output", str(tmp_path / "none"), "--resume"]) == 1
     assert "holds no run to resume" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line_not_tracebacks(capsys):
-    assert main(["--preset", "nope"]) == 2
+    assert main(["--preset", "nope"]) == 1
     err = capsys.readouterr().err
     assert "unknown preset 'nope'" in err and "Traceback" not in err
-    assert main(["--preset", "tiny", "train.batch_size=zero"]) == 2
+    assert main(["--preset", "tiny", "train.batch_size=zero"]) == 1
     assert "train.batch_size: expected int" in capsys.readouterr().err
 
 
 def test_real_model_preset_needs_data(capsys):
-    assert main(["--preset", "tinyllava"]) == 2
+    assert main(["--preset", "tinyllava"]) == 1
     assert "give your training data with --data" in capsys.readouterr().err
 
 

@@ -1,0 +1,79 @@
+"""A run's data, prepared as training will use it: loaded, checked, split and mined.
+
+The training recipe and the UI's Data tab call `prepare_data`, so the tab shows
+exactly the samples, the held-out split and the task templates a run of the
+same config trains with.
+
+- The data file is `data.path`; the tiny preset defaults to the bundled
+  synthetic set, whose test split is the held-out set.
+- Otherwise `train.eval_fraction` of the samples (at most
+  `train.eval_max_samples`) is held out, chosen with `train.seed`.
+- Task templates are mined from the training split only, with the config's
+  `templates` settings and the user's additions and removals.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from l2t.config import Config, ConfigError
+from l2t.data import DataReport, Sample, load_samples
+from l2t.images import ImageError, ImageSource
+from l2t.synthetic import bundled_dir
+from l2t.templates import TaskTemplate, mine_with_settings
+
+
+@dataclass
+class PreparedData:
+    train: list[Sample]
+    held_out: list[Sample]
+    images: ImageSource | None
+    """Where the samples' images are read from (None for text-only data)."""
+    report: DataReport
+    templates: list[TaskTemplate]
+
+
+def data_paths(config: Config) -> tuple[Path, Path | None, Path | None]:
+    """(training file, image root, held-out file or None). The tiny preset defaults to the bundled set."""
+    if config.data.path:
+        path = Path(config.data.path)
+        return path, Path(config.data.images) if config.data.images else None, None
+    if config.preset == "tiny":
+        root = bundled_dir()
+        return root / "train.json", root, root / "test.json"
+    raise ConfigError("data.path is empty: give your training data with --data FILE (LLaVA or messages JSON/JSONL)")
+
+
+def split_held_out(samples: list[Sample], fraction: float, limit: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    count = min(limit, int(round(len(samples) * fraction)))
+    if count == 0 or len(samples) - count < 1:
+        return samples, []
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+def prepare_data(config: Config) -> PreparedData:
+    path, image_root, held_out_path = data_paths(config)
+    pixels = config.data.max_image_pixels
+    try:  # opened once (a zip's index is checked once) and shared by every load below
+        source = ImageSource(image_root or path.parent, max_pixels=pixels)
+    except ImageError:
+        source = None  # fine for text-only data; load_samples reports it if a sample needs an image
+    samples, report = load_samples(path, source or image_root, strict=config.data.strict, max_pixels=pixels)
+    images = source if any(s.images for s in samples) else None
+    if held_out_path is not None:
+        train = samples
+        held_out, _ = load_samples(held_out_path, source or image_root, max_pixels=pixels)
+    else:
+        train, held_out = split_held_out(samples, config.train.eval_fraction, config.train.eval_max_samples, config.train.seed)
+    templates = mine_with_settings([s.instructions() for s in train], config.templates)
+    return PreparedData(train, held_out, images, report, templates)
+
+
+def held_out_records(samples: list[Sample]) -> list[dict]:
+    """held_out.json's records: samples in the messages format, with their extra fields."""
+    return [{"id": s.id, "messages": s.messages, "images": s.images, **s.meta} for s in samples]

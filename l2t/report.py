@@ -1,0 +1,230 @@
+"""The evaluation report, rendered: a Markdown table, charts and a static HTML page.
+
+Pure functions of the report dict that `l2t.evaluate` builds (and writes as
+report.json) and of the test items whose images the gallery shows: nothing
+here runs a model or reads a run folder. The model card of a merged model
+(`l2t.model_card`) reuses the Markdown table.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import numpy as np
+from PIL import Image
+
+THUMBNAIL_PIXELS = 128
+
+# The table's rows: (label, section of a model's metrics, key).
+TABLE_ROWS = (
+    ("VC per token (nats)", "visual_contribution", "mean_per_token"),
+    ("VC per answer (nats)", "visual_contribution", "mean_per_sequence"),
+    ("CIDEr-D", "caption", "cider_d"),
+    ("BLEU-4", "caption", "bleu4"),
+    ("VQA exact match", "short_answer", "accuracy"),
+    ("POPE accuracy", "yes_no", "accuracy"),
+    ("POPE F1", "yes_no", "f1"),
+    ("POPE yes-ratio", "yes_no", "yes_ratio"),
+    ("CHAIR_s (captions with a hallucinated object)", "hallucination", "chair_s"),
+    ("CHAIR_i (hallucinated object mentions)", "hallucination", "chair_i"),
+)
+
+
+def table_value(summary: dict, section: str, key: str) -> float | None:
+    return summary.get(section, {}).get(key)
+
+
+def format_number(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}"
+
+
+def markdown_table(report: dict) -> str:
+    """One row per metric, one column per model (base first)."""
+    names = [m["name"] for m in report["models"]]
+    lines = ["| metric | samples | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for label, section, key in TABLE_ROWS:
+        values = [table_value(m["metrics"], section, key) for m in report["models"]]
+        if all(v is None for v in values):
+            continue
+        count = next(
+            (
+                m["metrics"][section].get("samples", m["metrics"][section].get("num_sequences"))
+                for m in report["models"]
+                if section in m["metrics"]
+            ),
+            "",
+        )
+        lines.append(f"| {label} | {count} | " + " | ".join(format_number(v) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict) -> str:
+    kinds = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in report["kinds"].items() if count)
+    s = report["settings"]
+    lines = [
+        "# Evaluation",
+        "",
+        f"Test data: `{s['data']}` — {len(report['sample_ids'])} samples ({kinds}); "
+        f"greedy decoding, at most {s['max_new_tokens']} new tokens; model `{s['model']}` ({s['quant']}) on {s['device']}.",
+        "",
+        markdown_table(report),
+        "",
+        "VC: log p(answer | image, question) − log p(answer | noise image, question) on the reference answer tokens. "
+        "CHAIR: lower is better. POPE yes-ratio: 0.5 is balanced.",
+        "",
+        "Charts: `metrics.png`, `visual_contribution.png`. Every sample's answers and scores: `report.html`, `report.json`.",
+    ]
+    if report["skipped"]:
+        lines += ["", f"## Skipped samples ({len(report['skipped'])})", ""]
+        lines += [f"- `{note['sample']}`: {note['reason']}" for note in report["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _png_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def metrics_chart(report: dict) -> bytes:
+    """One panel per metric, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in TABLE_ROWS if any(table_value(m["metrics"], row[1], row[2]) is not None for m in report["models"])]
+    names = [m["name"] for m in report["models"]]
+    columns = min(4, len(rows))
+    lines = -(-len(rows) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.8 * lines), dpi=100, squeeze=False)
+    colors = plt.cm.tab10.colors
+    for ax, (label, section, key) in zip(axes.flat, rows, strict=False):
+        values = [table_value(m["metrics"], section, key) for m in report["models"]]
+        bars = ax.bar(range(len(names)), [v if v is not None else 0.0 for v in values], color=[colors[i % 10] for i in range(len(names))])
+        ax.bar_label(bars, labels=[format_number(v) for v in values], fontsize=7)
+        ax.set_title(label.split(" (")[0], fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(rows) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
+def visual_contribution_chart(report: dict) -> bytes:
+    """The distribution of per-token VC for every model, on shared bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_model = {name: values for name, values in report["visual_contribution_per_token"].items() if values}
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    pooled = [v for values in per_model.values() for v in values]
+    if pooled:
+        bins = np.histogram_bin_edges(pooled, bins=40)
+        for name, values in per_model.items():
+            ax.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{name} (mean {np.mean(values):.3f})")
+        ax.axvline(0, color="black", linewidth=0.5)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("log p(token | image) − log p(token | noise image)")
+    ax.set_ylabel("answer tokens")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
+def thumbnail_uri(image: Image.Image) -> str:
+    """The image, shrunk to at most THUMBNAIL_PIXELS a side, as a PNG data: URI."""
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _sample_scores_html(scores: dict) -> str:
+    parts = []
+    if "correct" in scores:
+        parts.append("✓ correct" if scores["correct"] else "✗ wrong")
+    for key, label in (("cider_d", "CIDEr-D"), ("bleu4", "BLEU-4"), ("vc_sum", "VC"), ("vc_mean", "VC/token")):
+        if key in scores:
+            parts.append(f"{label} {scores[key]:.3f}")
+    if scores.get("hallucinated"):
+        objects = ", ".join(" ".join(o) if isinstance(o, list) else str(o) for o in scores["hallucinated"])
+        parts.append(f"hallucinated: {objects}")
+    return "<br>".join(html.escape(p) for p in parts)
+
+
+def gallery_rows(report: dict, items: list) -> str:
+    """One table row per sample: its images, question and reference, and every model's answer and scores.
+
+    `items` are the report's test items (`l2t.evaluate.EvalItem`), in the report's order.
+    """
+    names = [m["name"] for m in report["models"]]
+    rows = []
+    for item, sample in zip(items, report["samples"], strict=True):
+        pictures = "".join(f'<img src="{thumbnail_uri(p)}" alt="{html.escape(item.id)}">' for p in item.images) or "<em>no image</em>"
+        cells = [
+            f"<td>{pictures}</td>",
+            f"<td><b>{html.escape(item.id)}</b><br><span class=kind>{item.kind.replace('_', ' ')}</span></td>",
+            f"<td>{html.escape(item.question)}</td>",
+            f"<td>{html.escape(item.reference)}</td>",
+        ]
+        for name in names:
+            cells.append(
+                f"<td>{html.escape(sample['answers'][name])}<div class=scores>{_sample_scores_html(sample['scores'][name])}</div></td>"
+            )
+        rows.append(f'<tr class="sample" id="{html.escape(item.id)}">' + "".join(cells) + "</tr>")
+    return "\n".join(rows)
+
+
+def html_report(report: dict, items: list, charts: dict[str, bytes]) -> str:
+    """report.html: the table, the charts and the gallery of `items` (see `gallery_rows`), on one static page."""
+    names = [m["name"] for m in report["models"]]
+    header = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    table_rows = []
+    for label, section, key in TABLE_ROWS:
+        values = [table_value(m["metrics"], section, key) for m in report["models"]]
+        if any(v is not None for v in values):
+            table_rows.append(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{format_number(v)}</td>" for v in values) + "</tr>")
+    images = "".join(
+        f'<img class=chart src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(name)}">'
+        for name, data in charts.items()
+    )
+    skipped = "".join(f"<li><b>{html.escape(n['sample'])}</b>: {html.escape(n['reason'])}</li>" for n in report["skipped"])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Evaluation: {html.escape(", ".join(names[1:]))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }}
+.gallery td {{ max-width: 22em; overflow-wrap: anywhere; }}
+.gallery td b {{ white-space: nowrap; }}
+.gallery img {{ width: 96px; image-rendering: pixelated; border: 1px solid #ddd; }}
+.scores, .kind {{ color: #666; font-size: 0.85em; }}
+img.chart {{ display: block; max-width: 100%; margin: 1em 0; }}
+</style></head><body>
+<h1>Evaluation</h1>
+<p>{len(items)} test samples from <code>{html.escape(report["settings"]["data"])}</code>; greedy decoding.</p>
+<table><tr><th>metric</th>{header}</tr>
+{"".join(table_rows)}
+</table>
+<div>{images}</div>
+{f"<h2>Skipped samples</h2><ul>{skipped}</ul>" if skipped else ""}
+<h2>Samples</h2>
+<table class="gallery"><tr><th>image</th><th>sample</th><th>instruction</th><th>reference</th>{header}</tr>
+{gallery_rows(report, items)}
+</table>
+</body></html>
+"""
+
