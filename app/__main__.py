@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from app.ui import create, serve
+    from app.ui import create, serve  # gradio and torch load only once the arguments are good
 
     # An unauthenticated public link must not let visitors read files on this machine.
     demo, context = create(args.runs_dir, args.uploads_dir, allow_server_paths=not (args.share and args.auth is None))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2t import chat, evaluate, generation, runs, scoring
+from l2t import evaluate, generation, runs
 from l2t.data import load_samples
 from l2t.images import ImageSource
 from l2t.synthetic import bundled_dir
@@ -48,34 +48,11 @@ def vc_summary(model, encoder, items) -> dict:
     return visual_contribution_summary(evaluate.visual_contribution(model, encoder, items))
 
 
-@pytest.mark.parametrize(
-    ("reference", "has_image", "kind"),
-    [
-        ("Yes", True, "yes_no"),
-        ("No, there is not.", True, "yes_no"),
-        ("left", True, "short_answer"),
-        ("two red circles", True, "short_answer"),
-        ("A large red circle at the top, on a gray background.", True, "caption"),
-        ("A small circle can be red, green, blue or yellow.", False, "text_only"),
-    ],
-)
-def test_sample_kind_is_read_off_the_reference(reference, has_image, kind):
-    assert scoring.sample_kind(reference, has_image) == kind
-
-
 def test_noise_image_is_fixed_and_sized_like_the_image():
     first, second = evaluate.noise_image((64, 48)), evaluate.noise_image((64, 48))
     assert first.size == (64, 48) and first.mode == "RGB"
     assert first.tobytes() == second.tobytes()
     assert len(set(first.getdata())) > 1000
-
-
-def test_named_objects_are_parsed_as_whole_words():
-    items = [evaluate.EvalItem("a", "caption", [], "", [], ["dog", "frisbee"]), evaluate.EvalItem("b", "caption", [], "", [], ["cat"])]
-    parse = scoring.object_parser(items)
-    assert parse("Two Dogs chase a frisbee; no cats, no doghouse.") == {"dog", "frisbee", "cat"}
-    assert scoring.ground_truth_objects(["Dog"]) == {"dog"}
-    assert scoring.ground_truth_objects([{"color": "red", "shape": "circle", "size": "small"}]) == {("red", "circle")}
 
 
 def test_visual_contribution_is_positive_for_the_trained_model_on_its_training_data(loaded, training_items):
@@ -97,20 +74,6 @@ def test_visual_contribution_is_zero_when_the_vision_input_is_disconnected(train
         base = evaluate.visual_contribution(model, encoder, training_items[:16])
     for per_token in (tuned, base):
         assert max(abs(v) for values in per_token for v in values) < ZERO_TOLERANCE
-
-
-def test_caption_pair_base_answer_is_the_model_with_its_adapter_disabled(loaded):
-    model, encoder = loaded
-    image = ImageSource(bundled_dir()).open("images/test_00000.png")
-    prompt = "Describe the image briefly."
-    before, after = generation.caption_pair(model, encoder, image, prompt)
-    messages = [{"role": "user", "content": chat.IMAGE + prompt}]
-    with model.disable_adapter():
-        expected_before = generation.generate(model, encoder, [(messages, [image])])[0]
-    expected_after = generation.generate(model, encoder, [(messages, [image])])[0]
-    assert isinstance(before, str) and isinstance(after, str)
-    assert (before, after) == (expected_before, expected_after)
-    assert before != after
 
 
 def test_report_files_have_every_number_and_one_gallery_row_per_sample(run_dir, capsys):
