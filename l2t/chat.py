@@ -175,6 +175,11 @@ def _write_content(out: _Writer, fmt: PromptFormat, content: str, role: str) -> 
             out.add(piece, role)
 
 
+def without_images(messages: list[dict]) -> list[dict]:
+    """The conversation with every image placeholder taken out (the text of each turn kept)."""
+    return [{**m, "content": m["content"].replace(IMAGE, "")} for m in messages]
+
+
 def render(messages: list[dict], fmt: PromptFormat, add_generation_prompt: bool = False) -> Rendered:
     """Lay out `messages` ({"role", "content"} with `<image>` in the text) in `fmt`.
 

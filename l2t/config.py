@@ -25,6 +25,11 @@ from l2t.files import atomic_write_text
 from l2t.images import DEFAULT_MAX_PIXELS
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+BUILTIN_MODELS = {
+    "builtin:tiny": Path(__file__).resolve().parent / "assets" / "tiny" / "base",
+    "builtin:tiny-stage1": Path(__file__).resolve().parent / "assets" / "tiny" / "stage1",
+}
+"""Model ids that name a folder shipped with the package (built by `python -m l2t.tiny pretrain`)."""
 
 LOSS_MODE_DESCRIPTIONS = {
     "response": "response tokens only (standard visual instruction tuning)",

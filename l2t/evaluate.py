@@ -15,12 +15,17 @@ sample is scored by the metrics that apply to its kind, read off the reference
 answer so that user data needs no labels (`l2t.scoring`: yes/no questions,
 short answers, captions, text-only samples).
 
-Visual contribution (VC) is scored on every sample with an image, from a
-teacher-forced pass over the reference answer: for each answer token,
-log p(token | image, question) - log p(token | noise image, question), where
-the noise image has the size of the real one and uniform random pixels drawn
-with a fixed seed. The tokens are those `loss.mode=response` trains on (the
-answer and its end marker).
+Visual contribution (VC) is scored on every sample with an image, from
+teacher-forced passes over the reference answer, in two kinds. For each answer
+token (the tokens `loss.mode=response` trains on: the answer and its end marker):
+
+    visual_contribution        log p(token | image, question) - log p(token | question):
+                               the paper's definition, the image tokens removed from the input
+    visual_contribution_noise  log p(token | image, question) - log p(token | noise image, question):
+                               the image replaced by uniform random pixels of its size (fixed seed)
+
+The first asks how much the answer depends on having an image at all, the
+second how much it depends on this image rather than any image.
 
 The report goes to RUN_DIR/eval/: report.json (every number, the settings,
 library versions and sample ids), and what `l2t.report` renders from it:
@@ -60,7 +65,7 @@ from l2t.generation import (
 )
 from l2t.images import ImageError
 from l2t.masking import Encoder
-from l2t.scoring import KINDS, SHORT_ANSWER_MAX_WORDS, sample_kind, score_answers
+from l2t.scoring import KINDS, QUESTION_ITEM_KINDS, SHORT_ANSWER_MAX_WORDS, sample_kind, score_answers
 
 NOISE_SEED = 0
 
@@ -82,6 +87,8 @@ class EvalItem:
     reference: str
     images: list[Image.Image]
     objects: list = field(default_factory=list)
+    question_type: str = ""
+    """What the question asks (the data's `turn_kinds`, e.g. color or count), else its kind."""
 
     @property
     def question(self) -> str:
@@ -124,7 +131,9 @@ def load_test_items(samples: list[Sample], images, limit: int | None = None) -> 
             continue
         kind = sample_kind(reference, bool(pictures))
         objects = sample.meta.get("objects")
-        items.append(EvalItem(sample.id, kind, messages, reference, pictures, objects if isinstance(objects, list) else []))
+        turn_kinds = sample.meta.get("turn_kinds")
+        question_type = str(turn_kinds[0]) if isinstance(turn_kinds, list) and turn_kinds and kind in QUESTION_ITEM_KINDS else kind
+        items.append(EvalItem(sample.id, kind, messages, reference, pictures, objects if isinstance(objects, list) else [], question_type))
     return items, skipped
 
 
@@ -138,13 +147,23 @@ def noise_image(size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(pixels, "RGB")
 
 
-def visual_contribution(model, encoder: Encoder, items: list[EvalItem], batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[float]]:
-    """Per answer token: log p(token | image, question) - log p(token | noise image, question)."""
+def visual_contribution(
+    model, encoder: Encoder, items: list[EvalItem], batch_size: int = DEFAULT_BATCH_SIZE
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Per answer token, both kinds (module docstring): (image removed, noise image)."""
     conversations = [(item.messages, item.reference) for item in items]
     with_image = answer_log_probs(model, encoder, conversations, [item.images for item in items], batch_size)
+    removed = [(chat.without_images(item.messages), item.reference) for item in items]
+    without_image = answer_log_probs(model, encoder, removed, [[] for _ in items], batch_size)
     noise = [[noise_image(p.size) for p in item.images] for item in items]
     with_noise = answer_log_probs(model, encoder, conversations, noise, batch_size)
-    return [(a - b).tolist() for a, b in zip(with_image, with_noise, strict=True)]
+    for item, a, b in zip(items, with_image, without_image, strict=True):
+        if len(a) != len(b):
+            raise EvaluationError(f"sample {item.id}: the answer tokenizes differently without its image ({len(a)} vs {len(b)} tokens)")
+    return (
+        [(a - b).tolist() for a, b in zip(with_image, without_image, strict=True)],
+        [(a - b).tolist() for a, b in zip(with_image, with_noise, strict=True)],
+    )
 
 
 # ---------------------------------------------------------------- answering
@@ -152,11 +171,12 @@ def visual_contribution(model, encoder: Encoder, items: list[EvalItem], batch_si
 
 @dataclass
 class ModelAnswers:
-    """What one model did on the test items: its answers and per-token visual contribution."""
+    """What one model did on the test items: its answers and per-token visual contribution of both kinds."""
 
     name: str
     answers: list[str]
     visual_contribution: list[list[float] | None]
+    visual_contribution_noise: list[list[float] | None]
     seconds: float
 
 
@@ -181,12 +201,13 @@ def answer_items(name: str, model, encoder: Encoder, items: list[EvalItem], max_
     prompts = [(items[i].messages, items[i].images) for i in order]
     answers = _in_original_order(order, generate(model, encoder, prompts, max_new_tokens, batch_size))
     visual = [i for i, item in enumerate(items) if item.images]
-    vc = [None] * len(items)
+    removed, noise = [None] * len(items), [None] * len(items)
     if visual:
         order = [visual[i] for i in _by_length([len(items[i].reference) + len(items[i].question) for i in visual])]
-        for index, values in zip(order, visual_contribution(model, encoder, [items[i] for i in order], batch_size), strict=True):
-            vc[index] = values
-    return ModelAnswers(name, answers, vc, time.perf_counter() - started)
+        per_kind = visual_contribution(model, encoder, [items[i] for i in order], batch_size)
+        for position, index in enumerate(order):
+            removed[index], noise[index] = per_kind[0][position], per_kind[1][position]
+    return ModelAnswers(name, answers, removed, noise, time.perf_counter() - started)
 
 
 def base_and_tuned_answers(
@@ -257,6 +278,22 @@ def evaluate_runs(run_dirs: list[str | Path], settings: Settings) -> tuple[dict,
         results.append(answer_items(label, model, encoder, items, settings.max_new_tokens, settings.batch_size))
         del model
     return build_report(by_label, items, skipped, results, settings, data_report), items
+
+
+def evaluate_loaded(run_dir: Path, model, encoder: Encoder, samples: list[Sample], images, settings: Settings | None = None):
+    """The evaluation of a run whose model is in memory (the end of training): base vs tuned on
+    `samples`, written to RUN_DIR/eval/ as `python -m l2t.evaluate RUN_DIR` would; returns (report, items)."""
+    settings = settings or Settings()
+    run = runs.open_trained_run(run_dir)
+    label = run_labels([run])[0]
+    items, skipped = load_test_items(samples, images, settings.n)
+    if not items:
+        raise EvaluationError(f"{run_dir / runs.HELD_OUT}: no sample left to evaluate")
+    results = list(base_and_tuned_answers(model, encoder, items, label, settings.max_new_tokens, settings.batch_size))
+    data_report = {"file": str(run_dir / runs.HELD_OUT), "total": len(samples), "ok": len(samples), "counts": {}}
+    evaluation = build_report({label: run}, items, skipped, results, settings, data_report)
+    write_report(run_dir / runs.EVAL, evaluation, items)
+    return evaluation, items
 
 
 # ---------------------------------------------------------------- the report
@@ -333,6 +370,9 @@ def build_report(
         "models": model_entries(by_label, results, list(summaries)),
         "samples": sample_entries(items, results, list(per_sample)),
         "visual_contribution_per_token": {r.name: [v for values in r.visual_contribution if values for v in values] for r in results},
+        "visual_contribution_noise_per_token": {
+            r.name: [v for values in r.visual_contribution_noise if values for v in values] for r in results
+        },
     }
 
 

@@ -19,11 +19,9 @@ import re
 
 import torch
 
-from l2t import chat, tiny
-from l2t.config import DTYPES, Config, LoraConfig, ModelConfig
+from l2t import chat
+from l2t.config import BUILTIN_MODELS, DTYPES, Config, LoraConfig, ModelConfig
 from l2t.errors import L2TError
-
-BUILTIN = {"builtin:tiny"}
 
 
 class ModelError(L2TError, RuntimeError):
@@ -31,9 +29,9 @@ class ModelError(L2TError, RuntimeError):
 
 
 def source(model: ModelConfig) -> str:
-    """Hub id or folder to load from (the built-in tiny model is built on first use)."""
-    if model.hub_id == "builtin:tiny":
-        return str(tiny.ensure_built())
+    """Hub id or folder to load from (built-in ids name a folder shipped with the package)."""
+    if model.hub_id in BUILTIN_MODELS:
+        return str(BUILTIN_MODELS[model.hub_id])
     return model.hub_id
 
 

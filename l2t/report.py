@@ -11,29 +11,77 @@ from __future__ import annotations
 import base64
 import html
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 THUMBNAIL_PIXELS = 128
 
-# The table's rows: (label, section of a model's metrics, key).
-TABLE_ROWS = (
-    ("VC per token (nats)", "visual_contribution", "mean_per_token"),
-    ("VC per answer (nats)", "visual_contribution", "mean_per_sequence"),
-    ("CIDEr-D", "caption", "cider_d"),
-    ("BLEU-4", "caption", "bleu4"),
-    ("VQA exact match", "short_answer", "accuracy"),
-    ("POPE accuracy", "yes_no", "accuracy"),
-    ("POPE F1", "yes_no", "f1"),
-    ("POPE yes-ratio", "yes_no", "yes_ratio"),
-    ("CHAIR_s (captions with a hallucinated object)", "hallucination", "chair_s"),
-    ("CHAIR_i (hallucinated object mentions)", "hallucination", "chair_i"),
+@dataclass(frozen=True)
+class Row:
+    """One metric of the table: where its value sits in a model's metrics, its baseline, and its range."""
+
+    label: str
+    path: tuple
+    """Keys into a model's metrics, e.g. ("caption", "cider_d")."""
+    baseline: tuple | None = None
+    """Keys of what a constant answer scores (the same for every model: a property of the data)."""
+    limits: tuple[float, float | None] | None = (0.0, 1.0)
+    """The axis of its chart: (low, high), high None for open-ended, None for a signed scale."""
+
+
+ROWS = (
+    Row("Exact match, all questions", ("questions", "exact_match"), ("questions", "majority_baseline")),
+    Row("Right about the image, any wording", ("questions", "content_accuracy")),
+    Row("VQA exact match (short answers)", ("short_answer", "accuracy")),
+    Row("POPE accuracy (yes/no)", ("yes_no", "accuracy"), ("yes_no", "best_constant_accuracy")),
+    Row("POPE F1", ("yes_no", "f1")),
+    Row("POPE yes-ratio", ("yes_no", "yes_ratio")),
+    Row("Caption accuracy (main object)", ("caption", "main_object_accuracy")),
+    Row("CIDEr-D", ("caption", "cider_d"), limits=(0.0, None)),
+    Row("BLEU-4", ("caption", "bleu4")),
+    Row("CHAIR_s (captions with a hallucinated object)", ("hallucination", "chair_s")),
+    Row("CHAIR_i (hallucinated object mentions)", ("hallucination", "chair_i")),
+    Row("VC per token, image removed (nats)", ("visual_contribution", "mean_per_token"), limits=None),
+    Row("VC per answer, image removed (nats)", ("visual_contribution", "mean_per_sequence"), limits=None),
+    Row("VC per token, noise image (nats)", ("visual_contribution_noise", "mean_per_token"), limits=None),
 )
 
 
-def table_value(summary: dict, section: str, key: str) -> float | None:
-    return summary.get(section, {}).get(key)
+def table_value(summary: dict, *path) -> float | None:
+    """The value at `path` in a model's metrics, None where the section or key is missing."""
+    for key in path:
+        if not isinstance(summary, dict) or key not in summary:
+            return None
+        summary = summary[key]
+    return summary
+
+
+def rows_of(report: dict) -> list[Row]:
+    """The rows with a value for some model: the fixed ones, with one per question type after the first."""
+    types = sorted({t for m in report["models"] for t in table_value(m["metrics"], "questions", "by_type") or {}})
+    per_type = [
+        Row(f"  exact match: {t.replace('_', ' ')}", ("questions", "by_type", t, "exact_match"), ("questions", "by_type", t, "majority_baseline"))
+        for t in types
+    ]
+    rows = [ROWS[0], *per_type, *ROWS[1:]] if len(types) > 1 else list(ROWS)  # per-type rows right below the overall one
+    return [row for row in rows if any(table_value(m["metrics"], *row.path) is not None for m in report["models"])]
+
+
+def _samples(report: dict, row: Row):
+    section = row.path[:-1]
+    for m in report["models"]:
+        found = table_value(m["metrics"], *section)
+        if isinstance(found, dict):
+            return found.get("samples", found.get("num_sequences", ""))
+    return ""
+
+
+def _baseline(report: dict, row: Row) -> float | None:
+    if row.baseline is None:
+        return None
+    return next((v for m in report["models"] if (v := table_value(m["metrics"], *row.baseline)) is not None), None)
 
 
 def format_number(value) -> str:
@@ -43,22 +91,13 @@ def format_number(value) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """One row per metric, one column per model (base first)."""
+    """One row per metric, one column per model (base first), and the constant-answer baseline where there is one."""
     names = [m["name"] for m in report["models"]]
-    lines = ["| metric | samples | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
-    for label, section, key in TABLE_ROWS:
-        values = [table_value(m["metrics"], section, key) for m in report["models"]]
-        if all(v is None for v in values):
-            continue
-        count = next(
-            (
-                m["metrics"][section].get("samples", m["metrics"][section].get("num_sequences"))
-                for m in report["models"]
-                if section in m["metrics"]
-            ),
-            "",
-        )
-        lines.append(f"| {label} | {count} | " + " | ".join(format_number(v) for v in values) + " |")
+    lines = ["| metric | samples | " + " | ".join(names) + " | baseline |", "|---|---:|" + "---:|" * (len(names) + 1)]
+    for row in rows_of(report):
+        values = [table_value(m["metrics"], *row.path) for m in report["models"]]
+        cells = " | ".join(format_number(v) for v in values)
+        lines.append(f"| {row.label} | {_samples(report, row)} | {cells} | {format_number(_baseline(report, row))} |")
     return "\n".join(lines)
 
 
@@ -73,7 +112,10 @@ def markdown_report(report: dict) -> str:
         "",
         markdown_table(report),
         "",
-        "VC: log p(answer | image, question) − log p(answer | noise image, question) on the reference answer tokens. "
+        "Baseline: what one constant answer scores (the most common answer of each question type; "
+        "for yes/no the better of always yes and always no). "
+        "VC, image removed: log p(answer | image, question) − log p(answer | question), the paper's visual contribution; "
+        "VC, noise image: the image replaced by random pixels. Both on the reference answer tokens. "
         "CHAIR: lower is better. POPE yes-ratio: 0.5 is balanced.",
         "",
         "Charts: `metrics.png`, `visual_contribution.png`. Every sample's answers and scores: `report.html`, `report.json`.",
@@ -94,24 +136,31 @@ def _png_bytes(fig) -> bytes:
 
 
 def metrics_chart(report: dict) -> bytes:
-    """One panel per metric, one bar per model."""
+    """One panel per metric, one bar per model, on the metric's own axis; the baseline as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in TABLE_ROWS if any(table_value(m["metrics"], row[1], row[2]) is not None for m in report["models"])]
+    rows = rows_of(report)
     names = [m["name"] for m in report["models"]]
     columns = min(4, len(rows))
     lines = -(-len(rows) // columns)
     fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.8 * lines), dpi=100, squeeze=False)
     colors = plt.cm.tab10.colors
-    for ax, (label, section, key) in zip(axes.flat, rows, strict=False):
-        values = [table_value(m["metrics"], section, key) for m in report["models"]]
+    for ax, row in zip(axes.flat, rows, strict=False):
+        values = [table_value(m["metrics"], *row.path) for m in report["models"]]
         bars = ax.bar(range(len(names)), [v if v is not None else 0.0 for v in values], color=[colors[i % 10] for i in range(len(names))])
         ax.bar_label(bars, labels=[format_number(v) for v in values], fontsize=7)
-        ax.set_title(label.split(" (")[0], fontsize=9)
+        ax.set_title(row.label.strip().split(" (")[0], fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        if row.limits is not None:
+            low, high = row.limits
+            present = [v for v in values if v is not None]
+            ax.set_ylim(low, high if high is not None else max([1.0, *present]) * 1.15)
+        baseline = _baseline(report, row)
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", linestyle="--", linewidth=1)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(rows) :]:
@@ -136,7 +185,7 @@ def visual_contribution_chart(report: dict) -> bytes:
             ax.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{name} (mean {np.mean(values):.3f})")
         ax.axvline(0, color="black", linewidth=0.5)
         ax.legend(fontsize=8)
-    ax.set_xlabel("log p(token | image) − log p(token | noise image)")
+    ax.set_xlabel("log p(token | image, question) − log p(token | question)")
     ax.set_ylabel("answer tokens")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -156,7 +205,9 @@ def _sample_scores_html(scores: dict) -> str:
     parts = []
     if "correct" in scores:
         parts.append("✓ correct" if scores["correct"] else "✗ wrong")
-    for key, label in (("cider_d", "CIDEr-D"), ("bleu4", "BLEU-4"), ("vc_sum", "VC"), ("vc_mean", "VC/token")):
+    if "exact" in scores and "correct" not in scores:
+        parts.append("✓ exact" if scores["exact"] else "✗ not exact")
+    for key, label in (("cider_d", "CIDEr-D"), ("bleu4", "BLEU-4"), ("vc_sum", "VC"), ("vc_mean", "VC/token"), ("vc_noise_mean", "VC/token (noise)")):
         if key in scores:
             parts.append(f"{label} {scores[key]:.3f}")
     if scores.get("hallucinated"):
@@ -193,10 +244,10 @@ def html_report(report: dict, items: list, charts: dict[str, bytes]) -> str:
     names = [m["name"] for m in report["models"]]
     header = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     table_rows = []
-    for label, section, key in TABLE_ROWS:
-        values = [table_value(m["metrics"], section, key) for m in report["models"]]
-        if any(v is not None for v in values):
-            table_rows.append(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{format_number(v)}</td>" for v in values) + "</tr>")
+    for row in rows_of(report):
+        values = [table_value(m["metrics"], *row.path) for m in report["models"]]
+        cells = "".join(f"<td>{format_number(v)}</td>" for v in [*values, _baseline(report, row)])
+        table_rows.append(f"<tr><td>{html.escape(row.label)}</td>{cells}</tr>")
     images = "".join(
         f'<img class=chart src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(name)}">'
         for name, data in charts.items()
@@ -216,7 +267,7 @@ img.chart {{ display: block; max-width: 100%; margin: 1em 0; }}
 </style></head><body>
 <h1>Evaluation</h1>
 <p>{len(items)} test samples from <code>{html.escape(report["settings"]["data"])}</code>; greedy decoding.</p>
-<table><tr><th>metric</th>{header}</tr>
+<table><tr><th>metric</th>{header}<th>baseline</th></tr>
 {"".join(table_rows)}
 </table>
 <div>{images}</div>

@@ -11,18 +11,32 @@ answer, so that user data needs no labels:
                                                              where the sample lists its `objects`
     text_only     no image in the first question          -> answered and shown, not scored
 
-Items with an image also get the summary of their visual contribution.
+Every question (a short answer or a yes/no) is also scored by exact match
+(after the VQA answer normalisation), overall and per question type (the
+data's `turn_kinds` where it has them, e.g. color or count; else the kind),
+each beside the majority-answer baseline: the share of questions of that type
+whose reference is the type's most common answer, i.e. what always giving that
+answer would score. Yes/no questions also get the "always yes" and "always no"
+accuracies. Captions of synthetic scenes (objects with a color and a shape) get
+the main-object accuracy: the share whose first-named object has the first
+object's color and shape.
+
+Items with an image also get the summary of their visual contribution, of both
+kinds (`l2t.evaluate`).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from l2t import metrics
-from l2t.synthetic import objects_in
+from l2t.scenes import QUESTION_KINDS as SCENE_QUESTION_TYPES
+from l2t.scenes import first_object_in, named_value, objects_in
 
 SHORT_ANSWER_MAX_WORDS = 3
 KINDS = ("caption", "short_answer", "yes_no", "text_only")
+QUESTION_ITEM_KINDS = ("short_answer", "yes_no")
 
 
 def sample_kind(reference: str, has_image: bool) -> str:
@@ -44,10 +58,16 @@ def ground_truth_objects(objects: list) -> set:
     return {str(o).lower() for o in objects if isinstance(o, str)}
 
 
+def _main_object(objects: list) -> tuple[str, str] | None:
+    """(color, shape) of a synthetic scene's first object, None for other ground truth."""
+    first = objects[0] if objects else None
+    return (first["color"], first["shape"]) if isinstance(first, dict) and "color" in first and "shape" in first else None
+
+
 def object_parser(items: list):
     """The parser that reads object mentions off a caption, for these items' ground truth.
 
-    Synthetic shapes use `l2t.synthetic.objects_in`; named objects ("dog") use a
+    Synthetic shapes use `l2t.scenes.objects_in`; named objects ("dog") use a
     whole-word match (plural -s allowed) over every name the test items list.
     """
     truths = [ground_truth_objects(item.objects) for item in items]
@@ -77,6 +97,12 @@ def score_answers(items: list, result) -> tuple[dict, list[dict]]:
         summary["caption"] = {"samples": len(captions), "cider_d": scores["cider_d"], "bleu4": scores["bleu4"]}
         for i, cider, bleu in zip(captions, scores["cider_d_per_sample"], scores["bleu4_per_sample"], strict=True):
             per_sample[i].update(cider_d=cider, bleu4=bleu)
+        scenes = [i for i in captions if _main_object(items[i].objects)]
+        if scenes:
+            right = [first_object_in(result.answers[i]) == _main_object(items[i].objects) for i in scenes]
+            summary["caption"]["main_object_accuracy"] = sum(right) / len(scenes)
+            for i, correct in zip(scenes, right, strict=True):
+                per_sample[i]["main_object_right"] = correct
     with_objects = [i for i in captions if ground_truth_objects(items[i].objects)]
     if with_objects:
         chair = metrics.hallucination_rate(
@@ -94,17 +120,67 @@ def score_answers(items: list, result) -> tuple[dict, list[dict]]:
     yes_no = subset("yes_no")
     if yes_no:
         pope = metrics.pope_scores([result.answers[i] for i in yes_no], [metrics.parse_yes_no(items[i].reference) for i in yes_no])
+        references = [metrics.parse_yes_no(items[i].reference) for i in yes_no]
         summary["yes_no"] = {
             "samples": len(yes_no),
             **{k: pope[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "no_answer")},
+            "always_yes_accuracy": references.count("yes") / len(yes_no),
+            "always_no_accuracy": references.count("no") / len(yes_no),
+            "best_constant_accuracy": max(references.count("yes"), references.count("no")) / len(yes_no),
         }
         for i, correct in zip(yes_no, pope["correct_per_sample"], strict=True):
             per_sample[i]["correct"] = correct
-    visual = [i for i, values in enumerate(result.visual_contribution) if values is not None]
-    if visual:
-        vc = metrics.visual_contribution_summary([result.visual_contribution[i] for i in visual])
-        for i, total in zip(visual, vc.pop("sum_per_sample"), strict=True):
-            values = result.visual_contribution[i]
-            per_sample[i].update(vc_sum=total, vc_mean=total / len(values) if values else 0.0)
-        summary["visual_contribution"] = vc
+    questions = [i for i, item in enumerate(items) if item.kind in QUESTION_ITEM_KINDS]
+    if questions:
+        summary["questions"] = question_scores([items[i] for i in questions], [result.answers[i] for i in questions])
+        for i, exact in zip(questions, summary["questions"].pop("exact_per_sample"), strict=True):
+            per_sample[i]["exact"] = exact
+    for section, per_item, prefix in (
+        ("visual_contribution", result.visual_contribution, "vc"),
+        ("visual_contribution_noise", result.visual_contribution_noise, "vc_noise"),
+    ):
+        visual = [i for i, values in enumerate(per_item) if values is not None]
+        if visual:
+            vc = metrics.visual_contribution_summary([per_item[i] for i in visual])
+            for i, total in zip(visual, vc.pop("sum_per_sample"), strict=True):
+                per_sample[i].update({f"{prefix}_sum": total, f"{prefix}_mean": total / len(per_item[i]) if per_item[i] else 0.0})
+            summary[section] = vc
     return summary, per_sample
+
+
+def content_right(question_type: str, answer: str, reference: str) -> bool | None:
+    """Whether an answer names the reference's value in any wording (synthetic scene questions only, else None)."""
+    if question_type not in SCENE_QUESTION_TYPES:
+        return None
+    return named_value(question_type, answer) == named_value(question_type, reference)
+
+
+def question_scores(items: list, answers: list[str]) -> dict:
+    """Exact match over questions, overall and per question type, each with its majority-answer baseline;
+    for synthetic scene questions also the content accuracy (the right value, in any wording)."""
+    exact = [metrics.normalize_answer(a) == metrics.normalize_answer(item.reference) for item, a in zip(items, answers, strict=True)]
+    content = [content_right(item.question_type, a, item.reference) for item, a in zip(items, answers, strict=True)]
+    by_type, right_by_majority = {}, 0
+    for question_type in sorted({item.question_type for item in items}):
+        chosen = [i for i, item in enumerate(items) if item.question_type == question_type]
+        answer, count = Counter(metrics.normalize_answer(items[i].reference) for i in chosen).most_common(1)[0]
+        right_by_majority += count
+        by_type[question_type] = {
+            "samples": len(chosen),
+            "exact_match": sum(exact[i] for i in chosen) / len(chosen),
+            "majority_answer": answer,
+            "majority_baseline": count / len(chosen),
+        }
+        if content[chosen[0]] is not None:
+            by_type[question_type]["content_accuracy"] = sum(content[i] for i in chosen) / len(chosen)
+    scores = {
+        "samples": len(items),
+        "exact_match": sum(exact) / len(items),
+        "majority_baseline": right_by_majority / len(items),
+        "by_type": by_type,
+        "exact_per_sample": exact,
+    }
+    judged = [c for c in content if c is not None]
+    if judged:
+        scores["content_accuracy"] = sum(judged) / len(judged)
+    return scores

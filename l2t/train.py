@@ -27,18 +27,18 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
-from l2t import chat, runs
+from l2t import runs
 from l2t.batch import Collator, Example, TrainingSet, encode_samples
 from l2t.config import Config, load_config, save_config
-from l2t.data import DataError, Sample, check_lengths
+from l2t.data import DataError, check_lengths
 from l2t.errors import L2TError, print_error
+from l2t.evaluate import evaluate_loaded
 from l2t.files import atomic_write_bytes, atomic_write_json
-from l2t.generation import generate_pairs, pad_token_id, prompt_and_reference
-from l2t.images import ImageError, ImageSource
+from l2t.generation import pad_token_id
 from l2t.masking import IGNORE, Encoder
-from l2t.metrics import caption_scores
 from l2t.models import ModelError, add_lora, compute_dtype, load_base_model, load_processor
 from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data
+from l2t.report import markdown_table
 from l2t.templates import TaskTemplate, save_templates
 from l2t.trainer import L2TTrainer, RunFolderCallback, StopOnSignal, is_main_process
 
@@ -84,7 +84,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         say(f"stopped at step {step} of {total}; continue with --resume")
         return run_dir
     if is_main_process() and data.held_out and config.train.preview_samples > 0:
-        preview(model, encoder, data.held_out, data.images, config.train.preview_samples)
+        evaluate_held_out(run_dir, model, encoder, data, config.train.preview_samples)
     folder.status("finished", step=step, total=total)
     say(f"done. run folder: {run_dir}  (adapter: {run_dir / runs.ADAPTER})")
     return run_dir
@@ -263,34 +263,20 @@ def plot_losses(run_dir: Path) -> None:
     atomic_write_bytes(run_dir / runs.LOSS_PLOT, image.getvalue())
 
 
-def preview(model, encoder: Encoder, held_out: list[Sample], images: ImageSource | None, count: int) -> None:
-    """Before/after answers on held-out samples, with caption metrics over all of them."""
-    chosen = [s for s in held_out if len(s.images) <= 1][:64]
-    prompts, references = [], []
-    for s in chosen:
-        messages, reference = prompt_and_reference(s)
-        try:
-            pictures = [images.open(p) for p in s.images] if s.images else []
-        except ImageError as exc:
-            say(f"preview: skipping sample {s.id}: {exc}")
-            continue
-        prompts.append((messages, pictures))
-        references.append(reference)
-    if not prompts:
-        return
-    before, after = generate_pairs(model, encoder, prompts)
-    say("\nbefore -> after tuning, on held-out samples:")
-    for (messages, _), ref, b, a in list(zip(prompts, references, before, after))[:count]:
-        question = messages[-1]["content"].replace(chat.IMAGE, "").strip().replace("\n", " ")
-        say(f"  Q: {question}\n     reference: {ref}\n     before:    {b}\n     after:     {a}")
-    scores_before = caption_scores(before, [[r] for r in references])
-    scores_after = caption_scores(after, [[r] for r in references])
-    exact_before = sum(b.strip().lower() == r.strip().lower() for b, r in zip(before, references)) / len(references)
-    exact_after = sum(a.strip().lower() == r.strip().lower() for a, r in zip(after, references)) / len(references)
-    say(
-        f"held-out answers ({len(references)}): CIDEr-D {scores_before['cider_d']:.3f} -> {scores_after['cider_d']:.3f}, "
-        f"BLEU-4 {scores_before['bleu4']:.3f} -> {scores_after['bleu4']:.3f}, exact match {exact_before:.1%} -> {exact_after:.1%}"
-    )
+def evaluate_held_out(run_dir: Path, model, encoder: Encoder, data: PreparedData, count: int) -> None:
+    """Base vs tuned on the held-out split, written to eval/ as `python -m l2t.evaluate` would; prints a few pairs and the table."""
+    say(f"\nevaluating base and tuned model on {len(data.held_out)} held-out samples")
+    evaluation, items = evaluate_loaded(run_dir, model, encoder, data.held_out, data.images)
+    base, tuned = (m["name"] for m in evaluation["models"])
+    first_of_type: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first_of_type.setdefault(item.question_type, index)
+    say("before -> after tuning, one held-out sample of each kind:")
+    for index in list(first_of_type.values())[:count]:
+        sample = evaluation["samples"][index]
+        say(f"  Q: {sample['question'].replace(chr(10), ' ')}\n     reference: {sample['reference']}")
+        say(f"     before:    {sample['answers'][base]}\n     after:     {sample['answers'][tuned]}")
+    say("\n" + markdown_table(evaluation) + f"\n\nreport: {run_dir / runs.EVAL / runs.EVAL_PAGE}")
 
 
 def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:

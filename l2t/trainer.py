@@ -20,20 +20,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from l2t import runs
-from l2t.masking import IGNORE
+from l2t.loss import labelled_token_loss
 
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Per-token cross-entropy of (N, V) logits, in fp32 a chunk of rows at a time (-100: loss 0)."""
-    parts = [
-        torch.nn.functional.cross_entropy(logits[i : i + chunk].float(), targets[i : i + chunk], ignore_index=IGNORE, reduction="none")
-        for i in range(0, logits.shape[0], chunk)
-    ]
-    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
 
 
 class L2TTrainer(Trainer):
@@ -55,24 +46,9 @@ class L2TTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.pop("labels")
-        weights = inputs.pop("loss_weights")[:, 1:]
-        kinds = inputs.pop("loss_kinds")[:, 1:]
-        targets = labels[:, 1:]
-        if self.labelled_logits_only:
-            # Logits only where the next token carries a label: most positions of a VLM batch are image
-            # tokens or prompt, and full-vocabulary logits for them are the largest activation of a step.
-            in_loss = targets != IGNORE
-            keep = torch.nn.functional.pad(in_loss, (0, 1), value=False)
-            outputs = model(**inputs, logits_to_keep=keep)
-            token_loss = token_cross_entropy(outputs.logits, targets[in_loss])
-            weights, kinds = weights[in_loss], kinds[in_loss]
-        else:
-            outputs = model(**inputs)
-            logits = outputs.logits[:, :-1, :]
-            token_loss = token_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-            weights, kinds = weights.reshape(-1), kinds.reshape(-1)
-        count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
+        token_loss, in_loss, outputs = labelled_token_loss(model, inputs, self.labelled_logits_only)
+        weights, kinds = inputs["loss_weights"][:, 1:][in_loss], inputs["loss_kinds"][:, 1:][in_loss]
+        count = num_items_in_batch if num_items_in_batch is not None else in_loss.sum()
         loss = (token_loss * weights).sum() / count
         if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it for a global token mean
@@ -81,7 +57,7 @@ class L2TTrainer(Trainer):
             self._parts += torch.stack([
                 (detached * (kinds == 2)).sum(), (kinds == 2).sum().double(),
                 (detached * (kinds == 1)).sum(), (kinds == 1).sum().double(),
-                inputs["attention_mask"].sum().double(), torch.tensor(float(labels.shape[0]), dtype=torch.float64),
+                inputs["attention_mask"].sum().double(), torch.tensor(float(in_loss.shape[0]), dtype=torch.float64),
             ]).cpu()  # fmt: skip
         return (loss, outputs) if return_outputs else loss
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model is built once per session, offline, in a temp cache."""
+"""Shared fixtures: the built-in tiny model's processor and a short training run, once per session, offline."""
 
 from __future__ import annotations
 
@@ -18,14 +18,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def tiny_cache(tmp_path_factory) -> Path:
-    """A fresh cache folder for the built-in tiny model (L2T_CACHE), shared by the session."""
-    cache = tmp_path_factory.mktemp("l2t-cache")
-    os.environ["L2T_CACHE"] = str(cache)
-    return cache
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +42,7 @@ def shapes_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_cache) -> Path:
+def trained_run(tmp_path_factory) -> Path:
     """A short tiny-preset training run (L2T mode), shared by evaluate/merge/UI tests."""
     from l2t.config import load_config
     from l2t.train import train
@@ -68,9 +60,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_cache):
+def app(tmp_path_factory):
     """The web UI served on a free port of 127.0.0.1 (its default host), with a gradio_client."""
-    client_class = pytest.importorskip("gradio_client").Client
+    from gradio_client import Client
+
     from app.ui import create, serve
 
     root = tmp_path_factory.mktemp("ui")
@@ -78,7 +71,7 @@ def app(tmp_path_factory, tiny_cache):
     port = free_port()
     serve(demo, context, port=port, block=False)
     url = f"http://127.0.0.1:{port}/"
-    client = client_class(url, verbose=False, download_files=root / "downloads")
+    client = Client(url, verbose=False, download_files=root / "downloads")
     yield SimpleNamespace(demo=demo, context=context, url=url, root=root, client=client)
     context.jobs.stop_all()
     demo.close()

@@ -18,11 +18,13 @@ import zlib
 
 import pytest
 import yaml
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
+from l2t.synthetic import BUNDLE_ARGS, bundled_dir
+
+BUNDLED = BUNDLE_ARGS["n"]  # samples in the bundled demo train split
 
 pytestmark = pytest.mark.slow
 
@@ -89,12 +91,14 @@ def test_binds_to_localhost_by_default(app):
 
 def test_demo_data_report_and_mask(app):
     report, gallery, index, templates, picture, conversation, mask = app.client.predict("tiny", "l2t", api_name="/use_demo_data")
-    assert "240 of 240 samples usable" in report
-    assert len(gallery) > 10 and index["maximum"] == 239
+    assert f"{BUNDLED} of {BUNDLED} samples usable" in report
+    assert len(gallery) > 10 and index["maximum"] == BUNDLED - 1
     sentences = {row[1]: row for row in templates["data"]}
-    assert sentences["Answer yes or no."][0] is True and sentences["Answer yes or no."][2] == 70
-    # Sample 0 asks "Do you see a large red circle at the top? Answer yes or no."
-    assert "Do you see" in conversation
+    records = json.loads((bundled_dir() / "train.json").read_text())
+    yes_no = sum(any("Answer yes or no." in m["value"] for m in r["conversations"][::2]) for r in records)
+    assert sentences["Answer yes or no."][0] is True and sentences["Answer yes or no."][2] == yes_no
+    # Sample 0 asks "Does the picture show a red triangle at the top? Answer yes or no."
+    assert "Does the picture show a red triangle" in conversation
     assert "tok-instruction tok-in" in mask and "tok-task_template tok-out" in mask and "tok-image tok-out" in mask
     _, _, response_only = app.client.predict("tiny", 0, "response", api_name="/mask_preview")
     assert "tok-instruction tok-out" in response_only and "tok-instruction tok-in" not in response_only
@@ -106,7 +110,7 @@ def test_demo_data_report_and_mask(app):
     assert in_loss[1] > in_loss[0] and "tok-task_template" not in after  # its tokens are instruction now
 
     # An added sentence is masked like a mined one; it must be exactly one sentence.
-    question = "Do you see a large red circle at the top?"
+    question = "Does the picture show a red triangle at the top?"
     rows, added, _ = app.client.predict(question, "tiny", 0, "l2t", api_name="/add_template")
     assert [question, 0, "–", "added by you"] == rows["data"][-1][1:]
     assert "tok-task_template tok-out" in added
@@ -137,7 +141,7 @@ def test_training_runs_in_a_subprocess_and_a_second_start_is_refused(app):
     run = app.context.runs_dir / "ui-run"
     launch = yaml.safe_load((run / "launch.yaml").read_text())
     assert launch["train"] == {"max_steps": 30, "preview_samples": 0, "logging_steps": 10}
-    assert launch["templates"] == {"remove": ["Answer yes or no."], "add": ["Do you see a large red circle at the top?"]}
+    assert launch["templates"] == {"remove": ["Answer yes or no."], "add": ["Does the picture show a red triangle at the top?"]}
     assert [t["sentence"] for t in json.loads((run / "templates.json").read_text())["templates"]].count("Answer yes or no.") == 0
     assert (run / "adapter" / "adapter_config.json").exists()
 
@@ -150,7 +154,6 @@ def test_compare_returns_base_and_tuned_answers(app):
 
 
 def test_export_merges_with_a_passing_parity_check(app):
-    pytest.importorskip("l2t.merge")
     result, log, report = app.client.predict("ui-run", api_name="/merge")
     assert report["parity"]["passed"] is True, log
     assert "Parity check passed" in result

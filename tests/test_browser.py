@@ -14,6 +14,11 @@ import socket
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from l2t.synthetic import BUNDLE_ARGS
+
+BUNDLED = BUNDLE_ARGS["n"]  # samples in the bundled demo train split
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -34,11 +39,10 @@ pytestmark = [
         not CHROMIUM.exists(), reason="Debian's Chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)"
     ),
 ]
-playwright_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory, tiny_cache):
+def url(tmp_path_factory):
     from app.ui import create, serve
 
     root = tmp_path_factory.mktemp("browser-ui")
@@ -54,7 +58,7 @@ def url(tmp_path_factory, tiny_cache):
 
 @pytest.fixture
 def page(url):
-    with playwright_api.sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
@@ -73,11 +77,10 @@ def screenshot(page, tmp_path: Path, name: str) -> None:
 
 
 def test_demo_data_training_and_comparison_in_the_browser(page, tmp_path):
-    expect = playwright_api.expect
     expect.set_options(timeout=90_000)
 
     page.get_by_role("button", name="Use the demo data").click()
-    expect(page.locator("#data-report")).to_contain_text("240 of 240 samples usable")
+    expect(page.locator("#data-report")).to_contain_text(f"{BUNDLED} of {BUNDLED} samples usable")
     expect(page.locator("#mask-preview .tok-instruction.tok-in").first).to_be_visible()
     expect(page.locator("#mask-preview .tok-task_template.tok-out").first).to_be_visible()
     screenshot(page, tmp_path, "1-data")

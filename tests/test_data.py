@@ -526,12 +526,12 @@ def test_cli_preview(folder, capsys):
     path = preview_data(folder)
     assert data.main(["preview", path, "--preset", "tiny", "--index", "1", "--mode", "l2t"]) == 0
     assert capsys.readouterr().out == (
-        "sample s1: 47 tokens, 14 in the loss (mode l2t, preset tiny, 1 task templates)\n"
+        "sample s1: 41 tokens, 9 in the loss (mode l2t, preset tiny, 1 task templates)\n"
         "      system        '<s>USER: '\n"
         "      image         '<image> x16'\n"
         "      system        '\\n'\n"
-        "LOSS  instruction   'Is shape 1 red? '\n"
-        "      task_template 'Answer with one word.'\n"
+        "LOSS  instruction   'Is shape 1 red?'\n"
+        "      task_template ' Answer with one word.'\n"
         "      system        '\\nASSISTANT:'\n"
         "LOSS  response      ' Yes.'\n"
         "LOSS  response_end  '</s>'\n"

@@ -42,12 +42,6 @@ def training_items():
     return [item for item in items if item.kind in ("caption", "short_answer")][:48]
 
 
-def vc_summary(model, encoder, items) -> dict:
-    from l2t.metrics import visual_contribution_summary
-
-    return visual_contribution_summary(evaluate.visual_contribution(model, encoder, items))
-
-
 def test_noise_image_is_fixed_and_sized_like_the_image():
     first, second = evaluate.noise_image((64, 48)), evaluate.noise_image((64, 48))
     assert first.size == (64, 48) and first.mode == "RGB"
@@ -55,25 +49,55 @@ def test_noise_image_is_fixed_and_sized_like_the_image():
     assert len(set(first.getdata())) > 1000
 
 
-def test_visual_contribution_is_positive_for_the_trained_model_on_its_training_data(loaded, training_items):
+def test_both_kinds_of_visual_contribution_are_positive_for_the_tuned_model(loaded, training_items):
+    from l2t.metrics import visual_contribution_summary
+
     model, encoder = loaded
-    summary = vc_summary(model, encoder, training_items)
-    assert summary["num_sequences"] == len(training_items)
-    assert summary["mean_per_sequence"] > 100 * ZERO_TOLERANCE
-    assert summary["mean_per_token"] > 0
+    for per_token in evaluate.visual_contribution(model, encoder, training_items):
+        summary = visual_contribution_summary(per_token)
+        assert summary["num_sequences"] == len(training_items)
+        assert summary["mean_per_token"] > 0.3  # the built-in base sees, and tuning keeps it looking
 
 
-def test_visual_contribution_is_zero_when_the_vision_input_is_disconnected(trained_run, training_items):
+def test_visual_contribution_with_the_image_removed_is_the_log_prob_difference(loaded, training_items):
+    """An independent computation on one item: two forward passes, the answer tokens' log-probabilities."""
+    from l2t.chat import without_images
+    from l2t.masking import labels_and_weights
+
+    model, encoder = loaded
+    item = training_items[0]
+
+    def answer_log_probs(messages, pictures):
+        encoded = encoder.encode([*messages, {"role": "assistant", "content": item.reference}], [p.size for p in pictures])
+        labels = torch.from_numpy(labels_and_weights(encoded, "response")[0])
+        inputs = {"input_ids": torch.from_numpy(encoded.input_ids)[None]}
+        if pictures:
+            inputs["pixel_values"] = encoder.processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, :-1].float().log_softmax(-1)
+        answer = (labels[1:] != -100).nonzero().squeeze(1)
+        return logits[answer, labels[1:][answer]]
+
+    expected = answer_log_probs(item.messages, item.images) - answer_log_probs(without_images(item.messages), [])
+    removed, _ = evaluate.visual_contribution(model, encoder, [item])
+    assert removed[0] == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_only_the_noise_kind_is_zero_when_the_vision_input_is_disconnected(trained_run, training_items):
+    """With the projector zeroed every image gives the same features: a noise image changes nothing,
+    while removing the image tokens still changes the input."""
     model, encoder = generation.load_run(runs.open_trained_run(trained_run))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "multi_modal_projector" in name:
                 param.zero_()
-    tuned = evaluate.visual_contribution(model, encoder, training_items[:16])
+    removed, noise = evaluate.visual_contribution(model, encoder, training_items[:16])
     with generation.base_model_context(model):
-        base = evaluate.visual_contribution(model, encoder, training_items[:16])
-    for per_token in (tuned, base):
+        base_removed, base_noise = evaluate.visual_contribution(model, encoder, training_items[:16])
+    for per_token in (noise, base_noise):
         assert max(abs(v) for values in per_token for v in values) < ZERO_TOLERANCE
+    for per_token in (removed, base_removed):
+        assert max(abs(v) for values in per_token for v in values) > 100 * ZERO_TOLERANCE
 
 
 def test_report_files_have_every_number_and_one_gallery_row_per_sample(run_dir, capsys):

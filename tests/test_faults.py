@@ -425,7 +425,7 @@ def test_max_length_below_one_images_tokens_drops_every_sample(tmp_path, capsys)
     result = train_cli(capsys, *TINY, "--output", out, "train.max_length=12")  # the tiny model's image is 16 tokens
     assert result.code == 1
     assert "error: no sample is left to train on after the checks above" in result.err
-    assert "too_long (240)" in result.err and "> max_length 12; raise train.max_length or lower the image size cap" in result.err
+    assert "too_long (1000)" in result.err and "> max_length 12; raise train.max_length or lower the image size cap" in result.err
     assert not any(out.iterdir())
 
 

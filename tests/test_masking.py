@@ -192,13 +192,13 @@ TINY_TOKENS = [
     (("<s>", "USER", ":", " "), "system"),
     (IMAGE_16, "image"),
     (("\n",), "system"),
-    (("What", " is", " in", " the", " picture", "?", " "), "instruction"),
-    (("Answer", " ", "w", "i", "t", "h", " one", " word", "."), "task_template"),
+    (("What", " is", " in", " the", " picture", "?"), "instruction"),
+    ((" Answer", " w", "i", "t", "h", " one", " word", "."), "task_template"),
     (("\n", "ASSISTANT", ":"), "system"),
-    ((" ", "C", "ir", "cle", "."), "response"),
+    ((" ", "C", "ircle", "."), "response"),
     (("</s>",), "response_end"),
-    (("USER", ":", " "), "system"),
-    (("Wh", "e", "re", " is", " i", "t", "?"), "instruction"),
+    (("USER", ":"), "system"),
+    ((" Where", " is", " i", "t", "?"), "instruction"),
     (("\n", "ASSISTANT", ":"), "system"),
     ((" ", "O", "n", " the", " left", "."), "response"),
     (("</s>",), "response_end"),
@@ -323,9 +323,10 @@ def assistant(text):
 
 
 def test_golden_no_image(family_processors):
+    # the tiny tokenizer has " Is" as one token: the space after "USER:" goes with the instruction
     assert golden_l2t(family_processors, [user("Is it red?"), assistant("No.")]) == [
-        ("<s>USER: ", "system", False),
-        ("Is it red?", "instruction", True),
+        ("<s>USER:", "system", False),
+        (" Is it red?", "instruction", True),
         ("\nASSISTANT:", "system", False),
         (" No.", "response", True),
         ("</s>", "response_end", True),
@@ -334,8 +335,8 @@ def test_golden_no_image(family_processors):
 
 def test_golden_image_in_the_middle_of_a_turn(family_processors):
     assert golden_l2t(family_processors, [user("Look at <image> and describe it."), assistant("A circle.")], [(32, 32)]) == [
-        ("<s>USER: ", "system", False),
-        ("Look at ", "instruction", True),
+        ("<s>USER:", "system", False),
+        (" Look at ", "instruction", True),
         ("<image>" * 16, "image", False),
         ("\n", "system", False),
         (" and describe it.", "instruction", True),
@@ -348,19 +349,19 @@ def test_golden_image_in_the_middle_of_a_turn(family_processors):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("Answer with one word. Is it red?", [("Answer with one word.", "task_template", False), (" Is it red?", "instruction", True)]),
+        ("Answer with one word. Is it red?", [(" Answer with one word.", "task_template", False), (" Is it red?", "instruction", True)]),
         (
             "Is it red? Answer with one word. Be quick.",
-            [("Is it red? ", "instruction", True), ("Answer with one word.", "task_template", False), (" Be quick.", "instruction", True)],
+            [(" Is it red?", "instruction", True), (" Answer with one word.", "task_template", False), (" Be quick.", "instruction", True)],
         ),
-        ("Is it red?\nAnswer with one word.", [("Is it red?\n", "instruction", True), ("Answer with one word.", "task_template", False)]),
+        ("Is it red?\nAnswer with one word.", [(" Is it red?\n", "instruction", True), ("Answer with one word.", "task_template", False)]),
         # not a whole sentence: no template
-        ("Answer with one word or two.", [("Answer with one word or two.", "instruction", True)]),
+        ("Answer with one word or two.", [(" Answer with one word or two.", "instruction", True)]),
     ],
 )
 def test_golden_template_at_start_middle_end(family_processors, text, expected):
     got = golden_l2t(family_processors, [user(text), assistant("No.")])
-    assert got == [("<s>USER: ", "system", False), *expected, ("\nASSISTANT:", "system", False), (" No.", "response", True), ("</s>", "response_end", True)]
+    assert got == [("<s>USER:", "system", False), *expected, ("\nASSISTANT:", "system", False), (" No.", "response", True), ("</s>", "response_end", True)]
 
 
 def test_golden_repeated_template_every_occurrence(family_processors):
@@ -371,10 +372,10 @@ def test_golden_repeated_template_every_occurrence(family_processors):
         assistant("Yes."),
     ]
     assert golden_l2t(family_processors, messages, [(32, 32)]) == [
-        ("<s>USER: ", "system", False),
-        ("Answer with one word.", "task_template", False),
-        (" Is it red? ", "instruction", True),
-        ("Answer with one word.", "task_template", False),
+        ("<s>USER:", "system", False),
+        (" Answer with one word.", "task_template", False),
+        (" Is it red?", "instruction", True),
+        (" Answer with one word.", "task_template", False),
         ("\nASSISTANT:", "system", False),
         (" No.", "response", True),
         ("</s>", "response_end", True),
@@ -409,8 +410,8 @@ def test_golden_system_message(family_processors):
         (" ASSISTANT:", "system", False),
         (" A red circle.", "response", True),
         ("</s>", "response_end", True),
-        ("USER: ", "system", False),
-        ("Where is it?", "instruction", True),
+        ("USER:", "system", False),
+        (" Where is it?", "instruction", True),
         (" ASSISTANT:", "system", False),
         (" On the left.", "response", True),
         ("</s>", "response_end", True),
@@ -448,7 +449,7 @@ def test_golden_multi_turn(family_processors):
 def test_generation_prompt_has_no_response(family_processors):
     encoder = encoder_for(family_processors, "tiny-llava")
     encoded = encoder.encode([user("Is it red?")], add_generation_prompt=True)
-    assert decoded_runs(encoder, encoded, "l2t") == [("<s>USER: ", "system", False), ("Is it red?", "instruction", True), ("\nASSISTANT:", "system", False)]
+    assert decoded_runs(encoder, encoded, "l2t") == [("<s>USER:", "system", False), (" Is it red?", "instruction", True), ("\nASSISTANT:", "system", False)]
 
 
 def test_format_preview_literal(family_processors):
@@ -458,8 +459,8 @@ def test_format_preview_literal(family_processors):
         "      system        '<s>USER: '\n"
         "      image         '<image> x16'\n"
         "      system        '\\n'\n"
-        "LOSS  instruction   'What is in the picture? '\n"
-        "      task_template 'Answer with one word.'\n"
+        "LOSS  instruction   'What is in the picture?'\n"
+        "      task_template ' Answer with one word.'\n"
         "      system        '\\nASSISTANT:'\n"
         "LOSS  response      ' Circle.'\n"
         "LOSS  response_end  '</s>'"

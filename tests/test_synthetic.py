@@ -6,22 +6,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from l2t import synthetic
+from l2t import scenes, synthetic
+from l2t.scenes import COLOR_RGB, COLORS, POSITION_PHRASE, SHAPES, USUAL_COLOR, caption_for, objects_in
 from l2t.synthetic import (
     BUNDLE_ARGS,
     CAPTION_PROMPTS,
-    COLOR_RGB,
-    COLORS,
-    POSITION_PHRASE,
-    SHAPES,
     SHORT_ANSWER_PROMPT,
     TEMPLATE_SENTENCES,
-    USUAL_COLOR,
     YES_NO_PROMPT,
     bundled_dir,
-    caption_for,
     generate,
-    objects_in,
 )
 
 PHRASE_POSITION = {phrase: position for position, phrase in POSITION_PHRASE.items()}
@@ -87,12 +81,29 @@ def test_objects_in_parses_mentions():
     assert objects_in("Some red squares") == {("red", "square")}
 
 
+def test_caption_literals():
+    objects = [
+        {"shape": "circle", "color": "red", "size": "large", "position": "left"},
+        {"shape": "square", "color": "blue", "size": "small", "position": "right"},
+    ]
+    assert scenes.demo_caption_for(objects) == "There is a large red circle on the left and a small blue square on the right."
+    assert scenes.first_object_in("There is a large red circle on the left and a small blue square.") == ("red", "circle")
+    assert scenes.first_object_in("Nothing here.") is None
+
+
 def test_caption_round_trip(dataset):
     _, train, test = dataset
+    captions = 0
     for sample in train + test:
         if "image" in sample:
-            caption = caption_for(sample["objects"], sample["background"])
-            assert objects_in(caption) == {(obj["color"], obj["shape"]) for obj in sample["objects"]}
+            truth = {(obj["color"], obj["shape"]) for obj in sample["objects"]}
+            assert objects_in(caption_for(sample["objects"], sample["background"])) == truth
+            for kind, answer in zip(sample["turn_kinds"], sample["conversations"][1::2]):
+                if kind == "caption":
+                    captions += 1
+                    assert objects_in(answer["value"]) == truth
+                    assert scenes.first_object_in(answer["value"]) == (sample["objects"][0]["color"], sample["objects"][0]["shape"])
+    assert captions > 100
 
 
 def test_template_sentences():
@@ -158,7 +169,7 @@ def test_images_show_the_objects(dataset):
             continue
         image = Image.open(out_dir / sample["image"])
         for obj in sample["objects"]:
-            fx, fy = synthetic.CENTER_FRACTION[obj["position"]]
+            fx, fy = scenes.CENTER_FRACTION[obj["position"]]
             assert image.getpixel((round(fx * 64), round(fy * 64))) == COLOR_RGB[obj["color"]]
 
 
@@ -208,31 +219,34 @@ def _split_frame(frame: str) -> list[str]:
 def test_yes_no_answers_match_objects(dataset):
     _, train, test = dataset
     where = "|".join(" " + phrase for phrase in POSITION_PHRASE.values())
-    answers = collections.Counter()
-    for sample in train + test:
-        for question, answer in zip(sample["conversations"][::2], sample["conversations"][1::2]):
-            if not question["value"].endswith(" " + YES_NO_PROMPT):
-                continue
-            text = question["value"].removeprefix("<image>\n").removesuffix(" " + YES_NO_PROMPT)
-            for frame, anywhere in synthetic.YES_NO_FRAMES:
-                before, between, after = _split_frame(frame)
-                match = re.fullmatch(
-                    f"{before}a (?P<object>.+?){between}(?P<where>{where}|{re.escape(anywhere)}){after}", text
-                )
-                if match:
-                    break
-            assert match, text
-            position = "" if match["where"] == anywhere else match["where"]
-            attributes = _attributes(REFERENT.fullmatch(match["object"] + position))
-            expected = "Yes" if _matching(sample["objects"], attributes) else "No"
-            assert answer["value"] == expected, (text, sample["objects"])
-            answers[expected] += 1
-    assert answers["Yes"] / sum(answers.values()) == pytest.approx(0.5, abs=0.1)
+    for split in (train, test):
+        answers = collections.Counter()
+        for sample in split:
+            for question, answer in zip(sample["conversations"][::2], sample["conversations"][1::2]):
+                if not question["value"].endswith(" " + YES_NO_PROMPT):
+                    continue
+                text = question["value"].removeprefix("<image>\n").removesuffix(" " + YES_NO_PROMPT)
+                for frame, anywhere in synthetic.YES_NO_FRAMES:
+                    before, between, after = _split_frame(frame)
+                    match = re.fullmatch(
+                        f"{before}a (?P<object>.+?){between}(?P<where>{where}|{re.escape(anywhere)}){after}", text
+                    )
+                    if match:
+                        break
+                assert match, text
+                position = "" if match["where"] == anywhere else match["where"]
+                attributes = _attributes(REFERENT.fullmatch(match["object"] + position))
+                expected = "Yes" if _matching(sample["objects"], attributes) else "No"
+                assert answer["value"] == expected, (text, sample["objects"])
+                answers[expected] += 1
+        # yes and no take turns within a split
+        assert abs(answers["Yes"] - answers["No"]) <= 1 and sum(answers.values()) > 40
 
 
 def test_short_answers_match_objects(dataset):
     _, train, test = dataset
     checked = collections.Counter()
+    counts = collections.Counter()
     for sample in train + test:
         for question, answer in zip(sample["conversations"][::2], sample["conversations"][1::2]):
             if not question["value"].endswith("\n" + SHORT_ANSWER_PROMPT):
@@ -249,7 +263,8 @@ def test_short_answers_match_objects(dataset):
             asked, referent = parsed[0]
             if asked == "count":
                 found = _matching(sample["objects"], _attributes(REFERENT.fullmatch(referent.removesuffix("s"))))
-                assert answer["value"] == ("zero", "one", "two")[len(found)], text
+                assert answer["value"] == str(len(found)), text
+                counts[answer["value"]] += 1
             else:
                 found = _matching(sample["objects"], _attributes(REFERENT.fullmatch(referent)))
                 assert len(found) == 1, (text, sample["objects"])
@@ -257,6 +272,81 @@ def test_short_answers_match_objects(dataset):
             checked[asked] += 1
     assert set(checked) == {"color", "shape", "size", "position", "count"}
     assert min(checked.values()) > 20
+    # the answer of a count question is chosen first: no answer dominates
+    assert set(counts) == {"0", "1", "2"} and max(counts.values()) / sum(counts.values()) < 0.55
+
+
+def test_turn_kinds_name_what_each_turn_asks(dataset):
+    _, train, test = dataset
+    for sample in train + test:
+        questions = sample["conversations"][::2]
+        assert len(sample["turn_kinds"]) == len(questions)
+        for kind, question in zip(sample["turn_kinds"], questions):
+            text = question["value"].removeprefix("<image>\n")
+            if kind == "caption":
+                assert text in CAPTION_PROMPTS
+            elif kind == "yes_no":
+                assert text.endswith(YES_NO_PROMPT)
+            elif kind == "text":
+                assert "image" not in sample
+            else:
+                assert kind in scenes.QUESTION_KINDS and text.endswith(SHORT_ANSWER_PROMPT)
+
+
+@pytest.mark.parametrize(
+    ("question", "answer"),
+    [
+        (synthetic.Question("color", "What color is the large circle?", "red", "large circle"), "The large circle is red."),
+        (synthetic.Question("shape", "What shape is the red object?", "circle", "red object"), "The red object is a circle."),
+        (synthetic.Question("size", "How big is the circle?", "small", "circle"), "The circle is small."),
+        (synthetic.Question("position", "Where is the circle?", "top", "circle"), "The circle is at the top."),
+        (synthetic.Question("count", "How many red objects are there?", "2", "red objects"), "There are 2 red objects."),
+        (synthetic.Question("count", "How many circles are there?", "1", "circles"), "There is 1 circle."),
+        (synthetic.Question("count", "How many squares are there?", "0", "squares"), "There are 0 squares."),
+        (synthetic.Question("yes_no", "Is there a red circle?", "yes", "a red circle on the left"), "Yes, there is a red circle on the left."),
+        (synthetic.Question("yes_no", "Is there a red circle?", "no", "a red circle"), "No, there is no red circle."),
+    ],
+)
+def test_base_style_answers_in_full_sentences_and_demo_style_in_one_word(question, answer):
+    assert synthetic.base_answer(question) == answer
+    prompt, short = synthetic.demo_turn(question)
+    assert prompt.startswith(question.text) and prompt.endswith(YES_NO_PROMPT if question.kind == "yes_no" else SHORT_ANSWER_PROMPT)
+    assert short == (question.answer.capitalize() if question.kind == "yes_no" else question.answer)
+    # both styles name the same value, which is how evaluation reads "right about the image"
+    assert scenes.named_value(question.kind, answer) == scenes.named_value(question.kind, short) == question.answer
+
+
+def test_named_value_needs_exactly_one_value():
+    assert scenes.named_value("color", "The circle is red.") == "red"
+    assert scenes.named_value("color", "Red or blue.") is None
+    assert scenes.named_value("position", "The circle is on the left.") == "left"
+    assert scenes.named_value("count", "two") == "2"
+    assert scenes.named_value("yes_no", "No, there is no red circle.") == "no"
+    assert scenes.named_value("shape", "I cannot tell.") is None
+
+
+def test_every_word_of_the_demo_answers_is_one_the_base_writes():
+    """A LoRA adapter leaves the output layer as it is, so the demo data asks for no word the base never produced."""
+    import random
+
+    def answer_words(style: str) -> set[str]:
+        samples = synthetic.make_split("words", 3000, random.Random(0), None, 16, style)
+        return {w for record, _ in samples for m in record["conversations"][1::2] for w in re.findall(r"\w+", m["value"].lower())}
+
+    assert answer_words("demo") <= answer_words("base")
+
+
+def test_the_base_style_asks_every_kind_with_other_prompts_and_asides():
+    import random
+
+    samples = [record for record, _ in synthetic.make_split("base", 2000, random.Random(0), None, 16, "base")]
+    kinds = collections.Counter(kind for record in samples for kind in record["turn_kinds"])
+    assert set(kinds) == {"caption", "text", *scenes.QUESTION_KINDS}
+    prompts = [m["value"].removeprefix("<image>\n") for record in samples for m in record["conversations"][::2]]
+    assert not any(template in prompt for prompt in prompts for template in synthetic.TEMPLATE_SENTENCES)
+    assert sum(any(aside in p for aside in synthetic.BASE_ASIDES) for p in prompts) > 0.2 * len(prompts)
+    captions_only = [record for record, _ in synthetic.make_split("c", 200, random.Random(0), None, 16, "captions")]
+    assert {kind for record in captions_only for kind in record["turn_kinds"]} == {"caption"}
 
 
 def test_bundled_copy_matches_fresh_generation(tmp_path):

@@ -14,8 +14,11 @@ import yaml
 
 from l2t import runs
 from l2t.config import config_from_dict, load_config
+from l2t.synthetic import BUNDLE_ARGS
 from l2t.train import main
 from l2t.trainer import L2TTrainer
+
+BUNDLED = BUNDLE_ARGS["n"]  # samples in the bundled demo train split
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -210,7 +213,7 @@ def test_two_processes_with_torchrun(tmp_path):
     # Both ranks fed the step: 2 processes x batch 8 x 2 steps per logging window.
     assert rows[0]["samples_per_s"] > 0 and all(json.dumps(r) for r in rows)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    assert result.stdout.count("training 240 samples") == 1
+    assert result.stdout.count(f"training {BUNDLED} samples") == 1
 
 
 def test_out_of_memory_names_the_knobs_and_keeps_the_run(tmp_path, monkeypatch, capsys):
