@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import html
+import io
 import logging
 import threading
 import time
@@ -18,13 +19,18 @@ from pathlib import Path
 from urllib.parse import quote
 
 import gradio as gr
+from PIL import Image
 
 from app.common import AppContext, follow_job, guarded, list_runs, notice, run_choices, run_dir, run_picker
 from app.jobs import module_command
 from l2t import chat, evaluate, generation, runs
+from l2t.answers import where_it_looks
+from l2t.attention import DEFAULT_LAYERS
 from l2t.config import DataConfig
 from l2t.data import Sample
 from l2t.images import ImageSource
+from l2t.report import attention_chart, attention_map
+from l2t.scoring import EvalItem
 from l2t.synthetic import CAPTION_PROMPTS
 
 log = logging.getLogger("app.compare")
@@ -83,6 +89,26 @@ def compare(context: AppContext, run: str | None, image, prompt: str):
         base, tuned = generation.caption_pair(model, encoder, image, prompt)
     log.info("compare on %s took %.1f s", run, time.time() - started)
     return base, tuned
+
+
+@guarded
+def looks(context: AppContext, run: str | None, image, prompt: str):
+    """Where the base and the tuned model look while they answer: the image share per answer token, and the
+    first answer token's attention over the image's patches (`l2t.attention`, drawn by `l2t.report`)."""
+    if not run:
+        raise gr.Error("Pick a finished run first (train one in the Train tab).")
+    if image is None:
+        raise gr.Error("Attention on the image needs an image: upload one or try a held-out sample.")
+    prompt = (prompt or "").strip() or DEFAULT_PROMPT
+    item = EvalItem("this image", "short_answer", [{"role": "user", "content": chat.IMAGE + prompt}], "", [image], [], "")
+    with MODELS.lock:
+        trained, model, encoder = MODELS.get(run_dir(context, run))
+        base_answer, tuned_answer = generation.caption_pair(model, encoder, image, prompt)
+        with generation.base_model_context(model):
+            base = where_it_looks("base", model, encoder, item, base_answer, DEFAULT_LAYERS)
+        tuned = where_it_looks(run, model, encoder, item, tuned_answer, DEFAULT_LAYERS)
+    study = {"attention": {"sample": item.id, "question": prompt, "layers": DEFAULT_LAYERS, "models": [base, tuned]}}
+    return Image.open(io.BytesIO(attention_chart(study))), Image.open(io.BytesIO(attention_map(study, image)))
 
 
 @guarded
@@ -161,6 +187,10 @@ def build_compare_tab(context: AppContext, demo: gr.Blocks) -> None:
                 "(and the trained projector) switched off.",
                 elem_classes="l2t-hint",
             )
+            looks_button = gr.Button("Where does each model look?", elem_id="looks-button")
+            with gr.Row(equal_height=True):
+                looks_chart = gr.Image(label="Share of attention on the image, per answer token", interactive=False, elem_id="looks-chart", buttons=[])
+                looks_map = gr.Image(label="First answer token's attention over the image", interactive=False, elem_id="looks-map", buttons=[])
     gr.Markdown("### Batch evaluation")
     with gr.Row():
         others = gr.Dropdown(
@@ -187,6 +217,9 @@ def build_compare_tab(context: AppContext, demo: gr.Blocks) -> None:
         api_name="held_out_sample",
     )
     go.click(lambda name, image, text: compare(context, name, image, text), [run, picture, prompt], [base, tuned], api_name="compare")
+    looks_button.click(
+        lambda name, image, text: looks(context, name, image, text), [run, picture, prompt], [looks_chart, looks_map], api_name="looks"
+    )
 
     def evaluate_clicked(name, names):
         yield from run_evaluation(context, name, names)

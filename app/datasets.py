@@ -20,12 +20,12 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from app.mask_view import mask_html
-from l2t import chat
+from l2t import chat, relevance
 from l2t.config import ConfigError, load_config
 from l2t.data import REASONS, DataReport, Sample
 from l2t.images import ImageError
 from l2t.masking import Encoder, mask_preview
-from l2t.models import load_processor
+from l2t.models import load_base_model, load_processor
 from l2t.prepare import data_paths, prepare_data
 from l2t.synthetic import bundled_dir
 from l2t.templates import TaskTemplate, apply_edits
@@ -134,6 +134,12 @@ def processor_for(preset: str):
     return load_processor(load_config(preset).model)
 
 
+@functools.lru_cache(maxsize=1)
+def base_model_for(preset: str):
+    """The preset's base model, for the l2t_relevance heat map (one at a time: a real preset is gigabytes)."""
+    return load_base_model(load_config(preset).model)
+
+
 # ---------------------------------------------------------------- what the tab shows
 
 
@@ -212,13 +218,18 @@ def preview(selection: DataSelection, preset: str, index: int, mode: str) -> str
     """The coloured mask of sample `index` under loss `mode`, as the preset's tokenizer splits it."""
     inspection = inspect_data(selection, preset)
     sample = inspection.samples[max(0, min(int(index), len(inspection.samples) - 1))]
-    encoder = Encoder.from_config(load_config(preset), processor_for(preset), effective_templates(inspection, selection))
-    preview = mask_preview(encoder, sample, mode)
+    config = load_config(preset)
+    encoder = Encoder.from_config(config, processor_for(preset), effective_templates(inspection, selection))
+    weights = None
+    if mode == "l2t_relevance":
+        model = base_model_for(preset)
+        weights = relevance.sample_weights(model, encoder.processor, encoder, sample, inspection.images, config.loss.relevance_nats)
+    preview = mask_preview(encoder, sample, mode, weights)
     caption = (
         f"sample {preview.sample_id} · {len(preview.tokens)} tokens, {preview.in_loss} in the loss · "
         f"loss mode {preview.mode} · tokenizer of preset {preset} · {preview.task_templates} task templates"
     )
-    return mask_html(preview.tokens, caption)
+    return mask_html(preview.tokens, caption, preview.weights if weights is not None else None)
 
 
 # ---------------------------------------------------------------- the template table

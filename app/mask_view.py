@@ -1,7 +1,9 @@
 """The token mask preview: `l2t.masking.preview_tokens` drawn as coloured HTML.
 
 Each token is a chip coloured by its role; tokens in the loss are solid with an
-underline, tokens out of the loss are faded and dashed. A run of image tokens
+underline, tokens out of the loss are faded and dashed. In loss mode
+l2t_relevance the instruction tokens are shaded from pale to red by their
+weight: a heat map of how much the image makes each one more likely. A run of image tokens
 is drawn as one chip ("image x 576"). The colours and the legend live here and
 nowhere else.
 """
@@ -31,10 +33,12 @@ ROLE_HELP = {
 }
 
 
-def _chip(text: str, role: str, in_loss: bool, title: str) -> str:
+def _chip(text: str, role: str, in_loss: bool, title: str, weight: float | None = None) -> str:
     shown = html.escape(text).replace("\n", "↵<br>")
     state = "in" if in_loss else "out"
-    return f'<span class="tok tok-{role} tok-{state}" title="{html.escape(title)}">{shown}</span>'
+    heat = f' style="--heat: {weight:.2f}" data-weight="{weight:.2f}"' if weight is not None else ""
+    kind = " tok-heat" if weight is not None else ""
+    return f'<span class="tok tok-{role} tok-{state}{kind}"{heat} title="{html.escape(title)}">{shown}</span>'
 
 
 def _runs(tokens: list[tuple[str, str, bool]]):
@@ -51,17 +55,23 @@ def _runs(tokens: list[tuple[str, str, bool]]):
         yield run
 
 
-def mask_html(tokens: list[tuple[str, str, bool]], caption: str) -> str:
-    """The preview of one encoded sample: a caption line, then the token chips."""
+def mask_html(tokens: list[tuple[str, str, bool]], caption: str, weights: list[float] | None = None) -> str:
+    """The preview of one encoded sample: a caption line, then the token chips; with `weights`
+    (loss mode l2t_relevance) each instruction token is shaded by its weight, a heat map."""
     chips = []
+    position = 0
     for run in _runs(tokens):
         text, role, in_loss = run[0]
         label = ROLE_LABELS.get(role, role)
         where = "in the loss" if in_loss else "not in the loss"
         if role == "image":
             chips.append(_chip(f"image × {len(run)}", role, in_loss, f"{len(run)} image tokens, {where}"))
+        elif role == "instruction" and weights is not None:
+            weight = weights[position]
+            chips.append(_chip(text, role, in_loss, f"{label}, weight {weight:.2f}: {text!r}", weight))
         else:
             chips.append(_chip(text, role, in_loss, f"{label}, {where}: {text!r}"))
+        position += len(run)
     in_loss = Counter(role for _, role, flag in tokens if flag)
     out_loss = Counter(role for _, role, flag in tokens if not flag)
     counts = " · ".join(
@@ -105,6 +115,7 @@ MASK_CSS = """
 .tok-response { background: rgba(52,211,153,.35); border-bottom-color: #059669; }
 .tok-response_end { background: rgba(16,185,129,.50); border-bottom-color: #047857; }
 .tok-pad { background: transparent; }
+.tok-instruction.tok-heat { opacity: 1; background: rgba(220, 38, 38, calc(0.08 + 0.72 * var(--heat))); }
 .tok-out.tok-image, .tok-out.tok-system, .tok-out.tok-task_template, .tok-out.tok-instruction { border-bottom-style: dashed; }
 .mask-legend { display: flex; flex-wrap: wrap; gap: 6px 16px; margin: 4px 0 6px; font-size: 13px; }
 .legend-item { display: inline-flex; align-items: center; gap: 6px; }

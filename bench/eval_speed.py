@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from l2t import evaluate, generation, runs, scoring, synthetic
+from l2t import answers, evaluate, generation, runs, scoring, synthetic
 from l2t.data import load_samples
 from l2t.images import ImageSource
 
@@ -49,7 +49,7 @@ def train_short_run(folder: Path) -> Path:
 
 def timed_answers_and_scores(model, encoder, items, max_new_tokens: int, batch_size: int) -> float:
     started = time.perf_counter()
-    base, tuned = evaluate.base_and_tuned_answers(model, encoder, items, "tuned", max_new_tokens, batch_size)
+    base, tuned = answers.base_and_tuned_answers(model, encoder, items, "tuned", max_new_tokens, batch_size)
     scoring.score_answers(items, base)
     scoring.score_answers(items, tuned)
     return time.perf_counter() - started

@@ -36,6 +36,7 @@ LOSS_MODE_DESCRIPTIONS = {
     "l2t": "L2T: instruction + response tokens, minus system templates and task templates",
     "l2t_keep_task_templates": "L2T keeping task templates: instruction + response tokens, minus system templates",
     "l2t_full": "every prompt and response token (train on prompt)",
+    "l2t_relevance": "L2T with each instruction token weighted by how much the base model's prediction of it depends on the image",
 }
 LOSS_MODES = tuple(LOSS_MODE_DESCRIPTIONS)
 QUANT_MODES = ("4bit", "8bit", "none")
@@ -153,11 +154,13 @@ class TrainConfig:
 @dataclass
 class LossConfig:
     mode: str = "l2t"
-    """Which tokens carry the loss: response, l2t, l2t_keep_task_templates or l2t_full."""
+    """Which tokens carry the loss: response, l2t, l2t_keep_task_templates, l2t_full or l2t_relevance."""
     instruction_weight: float = 1.0
     """Weight of each instruction token in the loss (lambda_I)."""
     response_weight: float = 1.0
     """Weight of each response token in the loss (lambda_A)."""
+    relevance_nats: float = 1.0
+    """l2t_relevance: an instruction token the image makes this many nats more likely gets full weight (linear below, 0 at or under 0)."""
 
 
 @dataclass
@@ -377,6 +380,7 @@ def validate(config: Config) -> None:
     check(lo.mode in LOSS_MODES, "loss.mode", lo.mode, f"must be one of {', '.join(LOSS_MODES)}")
     check(lo.instruction_weight >= 0, "loss.instruction_weight", lo.instruction_weight, "must be >= 0")
     check(lo.response_weight >= 0, "loss.response_weight", lo.response_weight, "must be >= 0")
+    check(lo.relevance_nats > 0, "loss.relevance_nats", lo.relevance_nats, "must be positive")
     check(lo.instruction_weight + lo.response_weight > 0, "loss.response_weight", lo.response_weight, "both weights are 0: nothing to learn")
     tp = config.templates
     check(0.0 <= tp.min_fraction <= 1.0, "templates.min_fraction", tp.min_fraction, "must be in [0, 1]")

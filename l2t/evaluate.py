@@ -2,6 +2,7 @@
 
     python -m l2t.evaluate RUN_DIR [--data TEST] [--images DIR_OR_ZIP] [--compare RUN_DIR2 ...]
                                    [--n N] [--max-new-tokens K] [--batch-size B]
+                                   [--attention [--attention-sample ID] [--attention-layers L]]
 
 Everything else comes from the run folder: `config.yaml` (the model), `adapter/`
 and `templates.json`. The test samples default to the run's `held_out.json`
@@ -15,23 +16,17 @@ sample is scored by the metrics that apply to its kind, read off the reference
 answer so that user data needs no labels (`l2t.scoring`: yes/no questions,
 short answers, captions, text-only samples).
 
-Visual contribution (VC) is scored on every sample with an image, from
-teacher-forced passes over the reference answer, in two kinds. For each answer
-token (the tokens `loss.mode=response` trains on: the answer and its end marker):
-
-    visual_contribution        log p(token | image, question) - log p(token | question):
-                               the paper's definition, the image tokens removed from the input
-    visual_contribution_noise  log p(token | image, question) - log p(token | noise image, question):
-                               the image replaced by uniform random pixels of its size (fixed seed)
-
-The first asks how much the answer depends on having an image at all, the
-second how much it depends on this image rather than any image.
+Each model also gets its visual contribution of two kinds (with the image
+removed, the paper's; with a noise image) and the share of its attention on
+the image while it answers (`l2t.answers`, `l2t.attention`).
 
 The report goes to RUN_DIR/eval/: report.json (every number, the settings,
 library versions and sample ids), and what `l2t.report` renders from it:
 report.md (the table), report.html (one static page: the table, the charts and
 a gallery with one row per sample, images embedded) and the charts as PNG
-files. With `--compare`, the other runs answer the same samples and join the
+files; with `--attention`, attention.png (the image share of each answer token)
+and attention_map.png (the first answer token's attention over the image's
+patches), base beside tuned. With `--compare`, the other runs answer the same samples and join the
 same table, chart and gallery.
 """
 
@@ -41,58 +36,24 @@ import argparse
 import platform
 import shlex
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from l2t import chat, report, runs
+from l2t.answers import NOISE_SEED, EvaluationError, ModelAnswers, answer_items, base_and_tuned_answers, where_it_looks
+from l2t.attention import DEFAULT_LAYERS
 from l2t.data import DataError, Sample, load_samples, open_images
 from l2t.errors import L2TError, print_error
 from l2t.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from l2t.generation import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_NEW_TOKENS,
-    answer_log_probs,
-    base_model_context,
-    generate,
-    load_run,
-    prompt_and_reference,
-)
+from l2t.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, base_model_context, load_run, prompt_and_reference
 from l2t.images import ImageError
 from l2t.masking import Encoder
-from l2t.scoring import KINDS, QUESTION_ITEM_KINDS, SHORT_ANSWER_MAX_WORDS, sample_kind, score_answers
-
-NOISE_SEED = 0
-
+from l2t.scoring import KINDS, QUESTION_ITEM_KINDS, SHORT_ANSWER_MAX_WORDS, EvalItem, sample_kind, score_answers
 
 # ---------------------------------------------------------------- test samples
-
-
-class EvaluationError(L2TError):
-    """A run folder or test file that can't be evaluated; the message names it."""
-
-
-@dataclass
-class EvalItem:
-    """One test sample, ready for both models: its first question, reference and images."""
-
-    id: str
-    kind: str
-    messages: list[dict]
-    reference: str
-    images: list[Image.Image]
-    objects: list = field(default_factory=list)
-    question_type: str = ""
-    """What the question asks (the data's `turn_kinds`, e.g. color or count), else its kind."""
-
-    @property
-    def question(self) -> str:
-        return self.messages[-1]["content"].replace(chat.IMAGE, "").strip()
 
 
 def load_test_samples(run: runs.TrainedRun, data: str | None, images: str | None) -> tuple[list[Sample], object, dict]:
@@ -137,87 +98,6 @@ def load_test_items(samples: list[Sample], images, limit: int | None = None) -> 
     return items, skipped
 
 
-# ---------------------------------------------------------------- visual contribution
-
-
-def noise_image(size: tuple[int, int]) -> Image.Image:
-    """Uniform random RGB pixels of this (width, height), the same for every call."""
-    width, height = size
-    pixels = np.random.default_rng(NOISE_SEED).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels, "RGB")
-
-
-def visual_contribution(
-    model, encoder: Encoder, items: list[EvalItem], batch_size: int = DEFAULT_BATCH_SIZE
-) -> tuple[list[list[float]], list[list[float]]]:
-    """Per answer token, both kinds (module docstring): (image removed, noise image)."""
-    conversations = [(item.messages, item.reference) for item in items]
-    with_image = answer_log_probs(model, encoder, conversations, [item.images for item in items], batch_size)
-    removed = [(chat.without_images(item.messages), item.reference) for item in items]
-    without_image = answer_log_probs(model, encoder, removed, [[] for _ in items], batch_size)
-    noise = [[noise_image(p.size) for p in item.images] for item in items]
-    with_noise = answer_log_probs(model, encoder, conversations, noise, batch_size)
-    for item, a, b in zip(items, with_image, without_image, strict=True):
-        if len(a) != len(b):
-            raise EvaluationError(f"sample {item.id}: the answer tokenizes differently without its image ({len(a)} vs {len(b)} tokens)")
-    return (
-        [(a - b).tolist() for a, b in zip(with_image, without_image, strict=True)],
-        [(a - b).tolist() for a, b in zip(with_image, with_noise, strict=True)],
-    )
-
-
-# ---------------------------------------------------------------- answering
-
-
-@dataclass
-class ModelAnswers:
-    """What one model did on the test items: its answers and per-token visual contribution of both kinds."""
-
-    name: str
-    answers: list[str]
-    visual_contribution: list[list[float] | None]
-    visual_contribution_noise: list[list[float] | None]
-    seconds: float
-
-
-def _by_length(lengths: list[int]) -> list[int]:
-    """Indices in order of length: batches of similar length waste less on padding."""
-    return sorted(range(len(lengths)), key=lengths.__getitem__)
-
-
-def _in_original_order(order: list[int], values: list) -> list:
-    restored = [None] * len(order)
-    for position, index in enumerate(order):
-        restored[index] = values[position]
-    return restored
-
-
-def answer_items(name: str, model, encoder: Encoder, items: list[EvalItem], max_new_tokens: int, batch_size: int) -> ModelAnswers:
-    """Greedy answers to every item and the visual contribution on items with an image."""
-    started = time.perf_counter()
-    # Short answers finish in a few steps; batching them with captions would run them to caption length.
-    expected_length = {"yes_no": 0, "short_answer": 1, "caption": 2, "text_only": 2}
-    order = sorted(range(len(items)), key=lambda i: (expected_length[items[i].kind], len(items[i].question)))
-    prompts = [(items[i].messages, items[i].images) for i in order]
-    answers = _in_original_order(order, generate(model, encoder, prompts, max_new_tokens, batch_size))
-    visual = [i for i, item in enumerate(items) if item.images]
-    removed, noise = [None] * len(items), [None] * len(items)
-    if visual:
-        order = [visual[i] for i in _by_length([len(items[i].reference) + len(items[i].question) for i in visual])]
-        per_kind = visual_contribution(model, encoder, [items[i] for i in order], batch_size)
-        for position, index in enumerate(order):
-            removed[index], noise[index] = per_kind[0][position], per_kind[1][position]
-    return ModelAnswers(name, answers, removed, noise, time.perf_counter() - started)
-
-
-def base_and_tuned_answers(
-    model, encoder: Encoder, items: list[EvalItem], tuned_name: str, max_new_tokens: int, batch_size: int
-) -> tuple[ModelAnswers, ModelAnswers]:
-    with base_model_context(model):
-        base = answer_items("base", model, encoder, items, max_new_tokens, batch_size)
-    return base, answer_items(tuned_name, model, encoder, items, max_new_tokens, batch_size)
-
-
 # ---------------------------------------------------------------- runs
 
 
@@ -246,6 +126,12 @@ class Settings:
     batch_size: int = DEFAULT_BATCH_SIZE
     command: str | None = None
     """The command line, recorded in the report."""
+    attention: bool = False
+    """Also record, for one sample, where each model looks (attention.png, attention_map.png)."""
+    attention_sample: str | None = None
+    """That sample's id (default: the first short answer with an image)."""
+    attention_layers: int = DEFAULT_LAYERS
+    """How many of the last layers the attention is averaged over."""
 
 
 def say(message: str) -> None:
@@ -264,7 +150,9 @@ def evaluate_runs(run_dirs: list[str | Path], settings: Settings) -> tuple[dict,
     if not items:
         raise EvaluationError(f"{settings.data or folders[0].path / runs.HELD_OUT}: no sample left to evaluate after the problems above")
     bases = list(dict.fromkeys(base_model_key(f) for f in folders))
+    looked_at = attention_item(items, settings.attention_sample) if settings.attention else None
     results: list[ModelAnswers] = []
+    looks: list[dict] = []
     done_bases: dict[tuple, ModelAnswers] = {}
     for label, folder in by_label.items():
         model, encoder = load_run(folder)
@@ -274,10 +162,30 @@ def evaluate_runs(run_dirs: list[str | Path], settings: Settings) -> tuple[dict,
             with base_model_context(model):
                 name = "base" if len(bases) == 1 else f"base: {folder.config.model.hub_id} ({folder.config.model.quant})"
                 done_bases[key] = answer_items(name, model, encoder, items, settings.max_new_tokens, settings.batch_size)
+                if looked_at is not None:
+                    looks.append(where_it_looks(name, model, encoder, looked_at, done_bases[key].answers[items.index(looked_at)], settings.attention_layers))
             results.append(done_bases[key])
         results.append(answer_items(label, model, encoder, items, settings.max_new_tokens, settings.batch_size))
+        if looked_at is not None:
+            looks.append(where_it_looks(label, model, encoder, looked_at, results[-1].answers[items.index(looked_at)], settings.attention_layers))
         del model
-    return build_report(by_label, items, skipped, results, settings, data_report), items
+    evaluation = build_report(by_label, items, skipped, results, settings, data_report)
+    if looked_at is not None:
+        evaluation["attention"] = {"sample": looked_at.id, "question": looked_at.question, "layers": settings.attention_layers, "models": looks}
+    return evaluation, items
+
+
+def attention_item(items: list[EvalItem], sample_id: str | None) -> EvalItem:
+    """The item whose attention is drawn: the one named, else the first short answer (else any item) with an image."""
+    if sample_id is not None:
+        found = next((item for item in items if item.id == sample_id), None)
+        if found is None or not found.images:
+            raise EvaluationError(f"--attention-sample {sample_id}: no test sample with that id and an image")
+        return found
+    with_image = [item for item in items if item.images]
+    if not with_image:
+        raise EvaluationError("--attention needs a test sample with an image")
+    return next((item for item in with_image if item.kind == "short_answer"), with_image[0])
 
 
 def evaluate_loaded(run_dir: Path, model, encoder: Encoder, samples: list[Sample], images, settings: Settings | None = None):
@@ -379,6 +287,9 @@ def build_report(
 def write_report(eval_dir: Path, evaluation: dict, items: list[EvalItem]) -> None:
     """report.json and what `l2t.report` renders from it (report.md, report.html, the charts), each written atomically."""
     charts = dict(zip(runs.EVAL_CHARTS, (report.metrics_chart(evaluation), report.visual_contribution_chart(evaluation)), strict=True))
+    if "attention" in evaluation:
+        picture = next(item.images[0] for item in items if item.id == evaluation["attention"]["sample"])
+        charts.update({runs.ATTENTION_CHART: report.attention_chart(evaluation), runs.ATTENTION_MAP: report.attention_map(evaluation, picture)})
     for name, data in charts.items():
         atomic_write_bytes(eval_dir / name, data)
     atomic_write_json(eval_dir / runs.EVAL_REPORT, evaluation)
@@ -416,13 +327,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help=f"samples per forward pass (default {DEFAULT_BATCH_SIZE})"
     )
+    parser.add_argument("--attention", action="store_true", help="also draw where each model looks at one sample's image")
+    parser.add_argument("--attention-sample", default=None, metavar="ID", help="that sample (default: the first short answer with an image)")
+    parser.add_argument(
+        "--attention-layers", type=_positive_int, default=DEFAULT_LAYERS, help=f"last layers to average (default {DEFAULT_LAYERS})"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python -m l2t.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
-    settings = Settings(args.data, args.images, args.n, args.max_new_tokens, args.batch_size, command)
+    settings = Settings(
+        args.data, args.images, args.n, args.max_new_tokens, args.batch_size, command, args.attention, args.attention_sample, args.attention_layers
+    )
     eval_dir = Path(args.run_dir) / runs.EVAL
     try:
         evaluation, items = evaluate_runs([args.run_dir, *args.compare], settings)

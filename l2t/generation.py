@@ -88,14 +88,14 @@ def _padded_batch(encoder: Encoder, encoded: list, images_per_sample: list[list]
     return batch
 
 
-def _vision_dtype(model) -> torch.dtype | None:
+def vision_dtype(model) -> torch.dtype | None:
     for name, param in model.named_parameters():
         if ("vision" in name or "visual" in name) and param.dtype.is_floating_point:
             return param.dtype
     return None
 
 
-def _with_pixels_in(batch: dict, dtype: torch.dtype | None) -> dict:
+def with_pixels_in(batch: dict, dtype: torch.dtype | None) -> dict:
     """The batch with its pixels in `dtype` (the vision tower's), where there are pixels and a dtype."""
     if "pixel_values" in batch and dtype is not None:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -129,12 +129,12 @@ def generate(
     """Greedy answers for (messages, PIL images) prompts, batched and left-padded."""
     model.eval()
     device = next(model.parameters()).device
-    vision_dtype = _vision_dtype(model)
+    dtype = vision_dtype(model)
     answers = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         encoded = [encoder.encode(messages, [img.size for img in images], add_generation_prompt=True) for messages, images in chunk]
-        batch = _with_pixels_in(_padded_batch(encoder, encoded, [images for _, images in chunk], device, left=True), vision_dtype)
+        batch = with_pixels_in(_padded_batch(encoder, encoded, [images for _, images in chunk], device, left=True), dtype)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(encoder.tokenizer))
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         answers += [t.strip() for t in encoder.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -168,12 +168,12 @@ def answer_log_probs(
     """log p(token | images, question, earlier answer tokens) for each token of each (prompt, answer)'s answer."""
     model.eval()
     device = next(model.parameters()).device
-    vision_dtype = _vision_dtype(model)
+    dtype = vision_dtype(model)
     results = []
     for start in range(0, len(conversations), batch_size):
         part = slice(start, start + batch_size)
         batch, labels = teacher_forced_batch(encoder, conversations[part], images_per_item[part], device)
-        logits = model(**_with_pixels_in(batch, vision_dtype)).logits[:, :-1]
+        logits = model(**with_pixels_in(batch, dtype)).logits[:, :-1]
         targets = labels[:, 1:]
         scored = targets != IGNORE
         # Only the answer positions go through log_softmax: the vocabulary is wide, the answers short.
@@ -187,7 +187,7 @@ def teacher_forced_logits(model, encoder: Encoder, conversations: list[tuple[lis
     """Logits over each prompt followed by its answer, one sample at a time, on the CPU."""
     model.eval()
     device = next(model.parameters()).device
-    vision_dtype = _vision_dtype(model)
+    dtype = vision_dtype(model)
     for conversation, pictures in zip(conversations, images_per_item, strict=True):
         batch, _ = teacher_forced_batch(encoder, [conversation], [pictures], device)
-        yield model(**_with_pixels_in(batch, vision_dtype)).logits[0].cpu()
+        yield model(**with_pixels_in(batch, dtype)).logits[0].cpu()

@@ -13,6 +13,7 @@ Loss modes, as sets of roles in the loss:
     l2t                      + instruction                 (default: minus system and task templates)
     l2t_keep_task_templates  + instruction + task template (minus system templates only)
     l2t_full                 every token but image and padding (a.k.a. train_on_prompt)
+    l2t_relevance            as l2t, each instruction token weighted by its visual relevance (`l2t.relevance`)
 
 Labels are the input ids where a token is in the loss and -100 elsewhere; the
 model shifts them itself. Weights carry `loss.instruction_weight` on prompt-side
@@ -60,6 +61,7 @@ LOSS_ROLES = {
     "l2t": (Role.INSTRUCTION, Role.RESPONSE, Role.RESPONSE_END),
     "l2t_keep_task_templates": (Role.INSTRUCTION, Role.TASK_TEMPLATE, Role.RESPONSE, Role.RESPONSE_END),
     "l2t_full": (Role.SYSTEM, Role.INSTRUCTION, Role.TASK_TEMPLATE, Role.RESPONSE, Role.RESPONSE_END),
+    "l2t_relevance": (Role.INSTRUCTION, Role.RESPONSE, Role.RESPONSE_END),
 }
 RESPONSE_ROLES = (Role.RESPONSE, Role.RESPONSE_END)
 PROMPT_ROLES = (Role.SYSTEM, Role.INSTRUCTION, Role.TASK_TEMPLATE)
@@ -69,6 +71,8 @@ PROMPT_ROLES = (Role.SYSTEM, Role.INSTRUCTION, Role.TASK_TEMPLATE)
 class Encoded:
     input_ids: np.ndarray
     roles: np.ndarray
+    relevance: np.ndarray | None = None
+    """Per token, the weight in [0, 1] that loss mode l2t_relevance gives an instruction token (`l2t.relevance`)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -218,12 +222,20 @@ _IS_RESPONSE = _role_table(RESPONSE_ROLES)
 
 
 def labels_and_weights(encoded: Encoded, mode: str, instruction_weight: float = 1.0, response_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (-100 outside the loss) and per-token loss weights for a loss mode."""
+    """Labels (-100 outside the loss) and per-token loss weights for a loss mode.
+
+    In l2t_relevance an instruction token's weight is instruction_weight times its relevance
+    weight (`encoded.relevance`); a token whose weight is 0 is out of the loss.
+    """
     if mode not in LOSS_ROLES:
         raise ValueError(f"unknown loss mode {mode!r}; choose one of {', '.join(LOSS_ROLES)}")
     roles = encoded.roles
     weights = np.where(_IS_RESPONSE[roles], np.float32(response_weight), np.float32(instruction_weight))
     weights *= _IN_LOSS[mode][roles]
+    if mode == "l2t_relevance":
+        if encoded.relevance is None:
+            raise ValueError("loss mode l2t_relevance needs the relevance of each instruction token: run the relevance pass first")
+        weights = np.where(_IS_RESPONSE[roles], weights, weights * encoded.relevance).astype(np.float32)
     labels = np.where(weights > 0, encoded.input_ids, IGNORE)
     return labels, weights
 
@@ -245,16 +257,31 @@ class MaskPreview:
     """How many task templates the encoder knew."""
     tokens: list[tuple[str, str, bool]]
     """(token text, role name, in the loss) per token."""
+    weights: list[float]
+    """Each token's loss weight with both loss weights at 1: 0 or 1, or the relevance weight in l2t_relevance."""
 
     @property
     def in_loss(self) -> int:
         return sum(flag for _, _, flag in self.tokens)
 
 
-def mask_preview(encoder: Encoder, sample, mode: str) -> MaskPreview:
-    """The mask of an `l2t.data.Sample` under loss `mode`, as `encoder`'s tokenizer splits it."""
+def mask_preview(encoder: Encoder, sample, mode: str, relevance: np.ndarray | None = None) -> MaskPreview:
+    """The mask of an `l2t.data.Sample` under loss `mode`, as `encoder`'s tokenizer splits it
+    (`relevance`: per-token weights from `l2t.relevance`, which l2t_relevance needs)."""
     encoded = encoder.encode(sample.messages, sample.image_sizes)
-    return MaskPreview(sample.id, mode, len(encoder.task_templates), preview_tokens(encoded, encoder.tokenizer, mode))
+    encoded.relevance = relevance
+    _, weights = labels_and_weights(encoded, mode)
+    tokens = preview_tokens(encoded, encoder.tokenizer, mode)
+    return MaskPreview(sample.id, mode, len(encoder.task_templates), tokens, [round(float(w), 3) for w in weights])
+
+
+def format_relevance(preview: MaskPreview) -> str:
+    """Each instruction token with its weight and a bar of it: the l2t_relevance heat map as text."""
+    lines = []
+    for (text, role, _), weight in zip(preview.tokens, preview.weights, strict=True):
+        if role == "instruction":
+            lines.append(f"  {text!r:<16} {weight:4.2f} {'█' * round(weight * 20)}")
+    return "\n".join(lines)
 
 
 def format_preview(tokens: list[tuple[str, str, bool]]) -> str:
@@ -283,9 +310,13 @@ def preview_sample(samples, index: int, preset: str = "tiny", mode: str | None =
     # The same list training uses: mined, then the preset's additions and removals.
     mined = mine_with_settings([s.instructions() for s in samples], config.templates)
     encoder = Encoder.from_config(config, load_processor(config.model), mined)
-    preview = mask_preview(encoder, samples[index], mode or config.loss.mode)
+    mode = mode or config.loss.mode
+    hint = ""
+    if mode == "l2t_relevance":  # its weights need the base model: `python -m l2t.relevance` draws them
+        mode, hint = "l2t", f"\n(l2t_relevance: the tokens of l2t, weighted; see python -m l2t.relevance FILE --preset {preset} --index {index})"
+    preview = mask_preview(encoder, samples[index], mode)
     header = (
         f"sample {preview.sample_id}: {len(preview.tokens)} tokens, {preview.in_loss} in the loss "
         f"(mode {preview.mode}, preset {preset}, {preview.task_templates} task templates)"
     )
-    return header + "\n" + format_preview(preview.tokens)
+    return header + "\n" + format_preview(preview.tokens) + hint

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from l2t import synthetic
+from l2t import relevance, synthetic
 from l2t.batch import process_images
 from l2t.data import Sample, parse_record
 from l2t.loss import labelled_token_loss
@@ -57,11 +57,20 @@ def scenes(
 
 
 def encode_scenes(
-    pairs: list[tuple[Sample, object]], encoder: Encoder, mode: str, instruction_weight: float = 1.0, response_weight: float = 1.0
+    pairs: list[tuple[Sample, object]],
+    encoder: Encoder,
+    mode: str,
+    instruction_weight: float = 1.0,
+    response_weight: float = 1.0,
+    relevance_values: list[np.ndarray] | None = None,
+    relevance_nats: float = 1.0,
 ) -> Scenes:
+    """The samples' tokens, labels and weights under a loss mode (l2t_relevance: from `l2t.relevance` values), and their pixels."""
     samples = [s for s, _ in pairs]
     pictures = [p for _, p in pairs]
     encoded = encoder.encode_many([(s.messages, s.image_sizes) for s in samples])
+    if relevance_values is not None:
+        relevance.apply_weights(encoded, relevance_values, relevance_nats)
     input_ids, labels, weights = [], [], []
     for e in encoded:
         lab, w = labels_and_weights(e, mode, instruction_weight, response_weight)

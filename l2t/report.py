@@ -46,6 +46,7 @@ ROWS = (
     Row("VC per token, image removed (nats)", ("visual_contribution", "mean_per_token"), limits=None),
     Row("VC per answer, image removed (nats)", ("visual_contribution", "mean_per_sequence"), limits=None),
     Row("VC per token, noise image (nats)", ("visual_contribution_noise", "mean_per_token"), limits=None),
+    Row("Attention on the image, per answer token", ("attention", "image_share")),
 )
 
 
@@ -116,6 +117,7 @@ def markdown_report(report: dict) -> str:
         "for yes/no the better of always yes and always no). "
         "VC, image removed: log p(answer | image, question) − log p(answer | question), the paper's visual contribution; "
         "VC, noise image: the image replaced by random pixels. Both on the reference answer tokens. "
+        "Attention on the image: the share of attention (last layers, mean over heads) that the answer tokens give the image tokens. "
         "CHAIR: lower is better. POPE yes-ratio: 0.5 is balanced.",
         "",
         "Charts: `metrics.png`, `visual_contribution.png`. Every sample's answers and scores: `report.html`, `report.json`.",
@@ -192,6 +194,54 @@ def visual_contribution_chart(report: dict) -> bytes:
     return _png_bytes(fig)
 
 
+def attention_chart(report: dict) -> bytes:
+    """The share of attention on the image for each answer token of the attention sample, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study = report["attention"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=100)
+    for model in study["models"]:
+        shares = model["shares"]["image"]
+        ax.plot(range(len(shares)), shares, marker="o", label=f"{model['name']}: {model['answer'][:40]!r}")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("answer token")
+    ax.set_ylabel("share of attention on the image")
+    ax.set_title(f"{study['sample']}: {study['question'][:70]}".replace("\n", " "), fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
+def attention_map(report: dict, picture: Image.Image, token: int = 0) -> bytes:
+    """The image with the attention of answer token `token` over its patches laid on top, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from l2t.attention import patch_grid
+
+    models = report["attention"]["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.4), dpi=100, squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        ax.imshow(picture)
+        patches = np.asarray(model["patches"])
+        grid = patch_grid(patches.shape[1]) if patches.size else None
+        if grid is not None and len(patches) > token:
+            weights = patches[token] / max(patches[token].max(), 1e-9)
+            ax.imshow(weights.reshape(grid), cmap="inferno", alpha=0.55, extent=(0, picture.width, picture.height, 0), interpolation="nearest")
+            ax.set_title(f"{model['name']}: {model['tokens'][token]!r}", fontsize=8)
+        else:
+            ax.set_title(f"{model['name']}: no square patch grid", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
 def thumbnail_uri(image: Image.Image) -> str:
     """The image, shrunk to at most THUMBNAIL_PIXELS a side, as a PNG data: URI."""
     small = image.copy()
@@ -219,7 +269,7 @@ def _sample_scores_html(scores: dict) -> str:
 def gallery_rows(report: dict, items: list) -> str:
     """One table row per sample: its images, question and reference, and every model's answer and scores.
 
-    `items` are the report's test items (`l2t.evaluate.EvalItem`), in the report's order.
+    `items` are the report's test items (`l2t.scoring.EvalItem`), in the report's order.
     """
     names = [m["name"] for m in report["models"]]
     rows = []

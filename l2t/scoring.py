@@ -29,14 +29,36 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 
-from l2t import metrics
+from PIL import Image
+
+from l2t import chat, metrics
 from l2t.scenes import QUESTION_KINDS as SCENE_QUESTION_TYPES
 from l2t.scenes import first_object_in, named_value, objects_in
 
 SHORT_ANSWER_MAX_WORDS = 3
 KINDS = ("caption", "short_answer", "yes_no", "text_only")
 QUESTION_ITEM_KINDS = ("short_answer", "yes_no")
+
+
+@dataclass
+class EvalItem:
+    """One test sample, ready for both models: its first question, reference and images."""
+
+    id: str
+    kind: str
+    messages: list[dict]
+    reference: str
+    images: list[Image.Image]
+    objects: list = field(default_factory=list)
+    question_type: str = ""
+    """What the question asks (the data's `turn_kinds`, e.g. color or count), else its kind."""
+
+    @property
+    def question(self) -> str:
+        return self.messages[-1]["content"].replace(chat.IMAGE, "").strip()
+
 
 
 def sample_kind(reference: str, has_image: bool) -> str:
@@ -83,7 +105,7 @@ def object_parser(items: list):
 def score_answers(items: list, result) -> tuple[dict, list[dict]]:
     """Metrics of one model over the items they apply to, and each item's own scores.
 
-    `items` are `l2t.evaluate.EvalItem`s, `result` the model's `l2t.evaluate.ModelAnswers`.
+    `result` is the model's `l2t.answers.ModelAnswers`.
     """
     summary: dict = {}
     per_sample: list[dict] = [{} for _ in items]
@@ -145,6 +167,8 @@ def score_answers(items: list, result) -> tuple[dict, list[dict]]:
             for i, total in zip(visual, vc.pop("sum_per_sample"), strict=True):
                 per_sample[i].update({f"{prefix}_sum": total, f"{prefix}_mean": total / len(per_item[i]) if per_item[i] else 0.0})
             summary[section] = vc
+    if result.image_attention is not None:
+        summary["attention"] = {"image_share": result.image_attention}
     return summary, per_sample
 
 

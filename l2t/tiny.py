@@ -45,12 +45,12 @@ import torch
 
 from l2t import chat, scenes, synthetic
 from l2t import pretrain as loop
+from l2t.answers import visual_contribution
 from l2t.chat import FORMATS, to_jinja
 from l2t.config import BUILTIN_MODELS
-from l2t.evaluate import EvalItem, visual_contribution
 from l2t.generation import generate
 from l2t.masking import Encoder
-from l2t.scoring import content_right
+from l2t.scoring import EvalItem, content_right
 
 ASSETS_DIR = BUILTIN_MODELS["builtin:tiny"].parent
 SEED = 1234

@@ -27,16 +27,16 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
-from l2t import runs
-from l2t.batch import Collator, Example, TrainingSet, encode_samples
+from l2t import relevance, runs
+from l2t.batch import Collator, Example, TrainingSet, make_example
 from l2t.config import Config, load_config, save_config
-from l2t.data import DataError, check_lengths
+from l2t.data import DataError, Sample, check_lengths
 from l2t.errors import L2TError, print_error
 from l2t.evaluate import evaluate_loaded
 from l2t.files import atomic_write_bytes, atomic_write_json
 from l2t.generation import pad_token_id
-from l2t.masking import IGNORE, Encoder
-from l2t.models import ModelError, add_lora, compute_dtype, load_base_model, load_processor
+from l2t.masking import IGNORE, Encoded, Encoder
+from l2t.models import ModelError, add_lora, compute_dtype, load_base_model, load_processor, source
 from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data
 from l2t.report import markdown_table
 from l2t.templates import TaskTemplate, save_templates
@@ -67,11 +67,15 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     print_templates(data.templates, config.loss.mode)
     processor = load_processor(config.model)
     encoder = Encoder.from_config(config, processor, data.templates)
-    examples = build_examples(config, data, encoder)
+    encoded = encode_data(config, data, encoder)
     if is_main_process():
         write_run_inputs(config, run_dir, data, checkpoint)
 
-    model = build_model(config, device)
+    base = load_base_model(config.model, device=device)
+    if config.loss.mode == "l2t_relevance":
+        weigh_by_relevance(config, run_dir, base, processor, encoded, data.images)
+    examples = build_examples(config, encoded, data.report)
+    model = add_adapter(config, base)
     folder, stopper = RunFolderCallback(run_dir, device), StopOnSignal()
     # The stop handler is in place before "running" is announced.
     trainer = build_trainer(config, run_dir, device, model, TrainingSet(examples, data.images, processor), [stopper, folder])
@@ -117,7 +121,7 @@ def open_run_dir(config: Config, resume: bool, overwrite: bool) -> tuple[Path, P
 
 
 def print_templates(templates: list[TaskTemplate], mode: str) -> None:
-    used = "kept out of the instruction loss" if mode == "l2t" else f"not used by loss mode {mode}"
+    used = "kept out of the instruction loss" if mode in ("l2t", "l2t_relevance") else f"not used by loss mode {mode}"
     say(f"task templates ({len(templates)}, {used}):")
     for t in templates:
         say(f"  {t.count:>7}  {t.fraction:6.1%}  {t.sentence}")
@@ -133,20 +137,42 @@ def unique_names(ids: list[str]) -> list[str]:
     return names
 
 
-def build_examples(config: Config, data: PreparedData, encoder: Encoder) -> list[Example]:
-    """The training samples as token ids, labels and weights; samples over train.max_length are dropped and counted."""
-    lo = config.loss
-    examples = encode_samples(data.train, encoder, lo.mode, lo.instruction_weight, lo.response_weight)
-    names = unique_names([e.sample.id for e in examples])
-    too_long = check_lengths(dict(zip(names, (len(e.input_ids) for e in examples))), config.train.max_length, data.report)
+def encode_data(config: Config, data: PreparedData, encoder: Encoder) -> list[tuple[Sample, Encoded]]:
+    """The training samples as token ids with a role each; samples over train.max_length are dropped and counted."""
+    encoded = list(zip(data.train, encoder.encode_many([(s.messages, s.image_sizes) for s in data.train]), strict=True))
+    names = unique_names([sample.id for sample, _ in encoded])
+    too_long = check_lengths(dict(zip(names, (len(e) for _, e in encoded))), config.train.max_length, data.report)
     if too_long:
         say(f"{len(too_long)} sample(s) exceed train.max_length={config.train.max_length} with their image tokens and are skipped")
         if config.data.strict:
             raise DataError(f"{len(too_long)} sample(s) longer than train.max_length (strict mode)\n" + data.report.summary(), data.report)
-        examples = [e for e, name in zip(examples, names) if name not in too_long]
+        encoded = [pair for pair, name in zip(encoded, names) if name not in too_long]
+    if not encoded:
+        raise DataError("no sample is left to train on after the checks above\n" + data.report.summary(), data.report)
+    return encoded
+
+
+def weigh_by_relevance(config: Config, run_dir: Path, base, processor, encoded: list[tuple[Sample, Encoded]], images) -> None:
+    """loss.mode=l2t_relevance: the base model's relevance pass (cached in the run folder), its weights and their summary."""
+    samples, tokens = [s for s, _ in encoded], [e for _, e in encoded]
+    key = relevance.cache_key(source(config.model), tokens, samples)
+    cache = run_dir / runs.RELEVANCE if is_main_process() else None  # the main process alone writes the run folder
+    values = relevance.relevance_pass(base, processor, tokens, samples, images, pad_token_id(processor.tokenizer), cache, key, say=say)
+    relevance.apply_weights(tokens, values, config.loss.relevance_nats)
+    found = relevance.summary(tokens)
+    say(
+        f"relevance: mean weight {found['mean_weight']:.3f} over {found['instruction_tokens']:,} instruction tokens, "
+        f"{found['share_over_half']:.0%} of them above 0.5 (loss.relevance_nats={config.loss.relevance_nats:g})"
+    )
+
+
+def build_examples(config: Config, encoded: list[tuple[Sample, Encoded]], report) -> list[Example]:
+    """Labels and weights of each sample under the loss mode; a sample with nothing to learn is left out."""
+    lo = config.loss
+    examples = [make_example(sample, e, lo.mode, lo.instruction_weight, lo.response_weight) for sample, e in encoded]
     examples = [e for e in examples if (e.labels != IGNORE).sum() > 1]
     if not examples:
-        raise DataError("no sample is left to train on after the checks above\n" + data.report.summary(), data.report)
+        raise DataError("no sample is left to train on after the checks above\n" + report.summary(), report)
     return examples
 
 
@@ -164,10 +190,10 @@ def write_run_inputs(config: Config, run_dir: Path, data: PreparedData, checkpoi
     runs.trim_metrics(run_dir, runs.checkpoint_step(checkpoint) if checkpoint else 0)  # rows after the checkpoint are logged again
 
 
-def build_model(config: Config, device: str):
-    """The base model with LoRA on it, seeded; no generation cache while training."""
+def add_adapter(config: Config, base):
+    """LoRA on the base model, seeded; no generation cache while training."""
     set_seed(config.train.seed)  # LoRA's initial weights come from the global RNG
-    model = add_lora(load_base_model(config.model, device=device), config.model, config.lora)
+    model = add_lora(base, config.model, config.lora)
     for model_config in (model.config, getattr(model.config, "text_config", None)):
         if model_config is not None:
             model_config.use_cache = False

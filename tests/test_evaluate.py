@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2t import evaluate, generation, runs
+from l2t import answers, evaluate, generation, runs
 from l2t.data import load_samples
 from l2t.images import ImageSource
 from l2t.synthetic import bundled_dir
@@ -43,7 +43,7 @@ def training_items():
 
 
 def test_noise_image_is_fixed_and_sized_like_the_image():
-    first, second = evaluate.noise_image((64, 48)), evaluate.noise_image((64, 48))
+    first, second = answers.noise_image((64, 48)), answers.noise_image((64, 48))
     assert first.size == (64, 48) and first.mode == "RGB"
     assert first.tobytes() == second.tobytes()
     assert len(set(first.getdata())) > 1000
@@ -53,7 +53,7 @@ def test_both_kinds_of_visual_contribution_are_positive_for_the_tuned_model(load
     from l2t.metrics import visual_contribution_summary
 
     model, encoder = loaded
-    for per_token in evaluate.visual_contribution(model, encoder, training_items):
+    for per_token in answers.visual_contribution(model, encoder, training_items):
         summary = visual_contribution_summary(per_token)
         assert summary["num_sequences"] == len(training_items)
         assert summary["mean_per_token"] > 0.3  # the built-in base sees, and tuning keeps it looking
@@ -79,7 +79,7 @@ def test_visual_contribution_with_the_image_removed_is_the_log_prob_difference(l
         return logits[answer, labels[1:][answer]]
 
     expected = answer_log_probs(item.messages, item.images) - answer_log_probs(without_images(item.messages), [])
-    removed, _ = evaluate.visual_contribution(model, encoder, [item])
+    removed, _ = answers.visual_contribution(model, encoder, [item])
     assert removed[0] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
@@ -91,9 +91,9 @@ def test_only_the_noise_kind_is_zero_when_the_vision_input_is_disconnected(train
         for name, param in model.named_parameters():
             if "multi_modal_projector" in name:
                 param.zero_()
-    removed, noise = evaluate.visual_contribution(model, encoder, training_items[:16])
+    removed, noise = answers.visual_contribution(model, encoder, training_items[:16])
     with generation.base_model_context(model):
-        base_removed, base_noise = evaluate.visual_contribution(model, encoder, training_items[:16])
+        base_removed, base_noise = answers.visual_contribution(model, encoder, training_items[:16])
     for per_token in (noise, base_noise):
         assert max(abs(v) for values in per_token for v in values) < ZERO_TOLERANCE
     for per_token in (removed, base_removed):

@@ -291,6 +291,7 @@ MODE_ROLES = {
     "l2t": {"instruction", "response", "response_end"},
     "l2t_keep_task_templates": {"instruction", "task_template", "response", "response_end"},
     "l2t_full": {"system", "instruction", "task_template", "response", "response_end"},
+    "l2t_relevance": {"instruction", "response", "response_end"},  # each instruction token weighted by its relevance
 }
 
 
@@ -637,7 +638,9 @@ def test_random_conversations(family_processors, family, sample, instruction_wei
 
     # as a batch pads it: padding never counts
     padded = Encoded(
-        np.concatenate([ids, np.full(padding, tokenizer.pad_token_id)]), np.concatenate([roles, np.full(padding, Role.PAD, np.int8)])
+        np.concatenate([ids, np.full(padding, tokenizer.pad_token_id)]),
+        np.concatenate([roles, np.full(padding, Role.PAD, np.int8)]),
+        relevance=np.ones(len(ids) + padding, np.float32),  # every instruction token at full weight: l2t_relevance is l2t
     )
     in_loss = {}
     for mode in LOSS_ROLES:
@@ -652,6 +655,7 @@ def test_random_conversations(family_processors, family, sample, instruction_wei
         assert (weights[~mask] == 0).all()
         assert mask.tolist() == np.isin(padded.roles, LOSS_ROLES[mode]).tolist()
     assert in_loss["response"] <= in_loss["l2t"] <= in_loss["l2t_keep_task_templates"] <= in_loss["l2t_full"]
+    assert in_loss["l2t_relevance"] == in_loss["l2t"]
     assert in_loss["response"] == set(np.flatnonzero(np.isin(roles, [Role.RESPONSE, Role.RESPONSE_END])).tolist())
 
 

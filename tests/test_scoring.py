@@ -1,6 +1,7 @@
 import pytest
 
-from l2t import evaluate, scoring
+from l2t import scoring
+from l2t.answers import ModelAnswers
 
 
 @pytest.mark.parametrize(
@@ -19,7 +20,7 @@ def test_sample_kind_is_read_off_the_reference(reference, has_image, kind):
 
 
 def test_named_objects_are_parsed_as_whole_words():
-    items = [evaluate.EvalItem("a", "caption", [], "", [], ["dog", "frisbee"]), evaluate.EvalItem("b", "caption", [], "", [], ["cat"])]
+    items = [scoring.EvalItem("a", "caption", [], "", [], ["dog", "frisbee"]), scoring.EvalItem("b", "caption", [], "", [], ["cat"])]
     parse = scoring.object_parser(items)
     assert parse("Two Dogs chase a frisbee; no cats, no doghouse.") == {"dog", "frisbee", "cat"}
     assert scoring.ground_truth_objects(["Dog"]) == {"dog"}
@@ -27,7 +28,7 @@ def test_named_objects_are_parsed_as_whole_words():
 
 
 def _item(reference: str, question_type: str, kind: str = "short_answer"):
-    return evaluate.EvalItem("x", kind, [], reference, [], [], question_type)
+    return scoring.EvalItem("x", kind, [], reference, [], [], question_type)
 
 
 def test_question_scores_are_exact_match_per_type_beside_the_majority_answer():
@@ -59,10 +60,8 @@ def test_questions_of_user_data_get_exact_match_and_no_content_accuracy():
 
 
 def test_yes_no_summary_has_the_constant_answer_baselines():
-    from types import SimpleNamespace
-
     items = [_item(r, "yes_no", "yes_no") for r in ("Yes", "Yes", "Yes", "No")]
-    result = SimpleNamespace(answers=["Yes"] * 4, visual_contribution=[None] * 4, visual_contribution_noise=[None] * 4)
+    result = ModelAnswers("m", ["Yes"] * 4, [None] * 4, [None] * 4, 0.0)
     summary, _ = scoring.score_answers(items, result)
     assert summary["yes_no"]["always_yes_accuracy"] == 0.75 == summary["yes_no"]["accuracy"]
     assert summary["yes_no"]["always_no_accuracy"] == 0.25
@@ -70,12 +69,10 @@ def test_yes_no_summary_has_the_constant_answer_baselines():
 
 
 def test_caption_main_object_accuracy_reads_the_first_named_object():
-    from types import SimpleNamespace
-
     objects = [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}]
-    items = [evaluate.EvalItem(str(i), "caption", [], "There is a red circle on the left and a blue square.", [], objects, "caption") for i in range(3)]
+    items = [scoring.EvalItem(str(i), "caption", [], "There is a red circle on the left and a blue square.", [], objects, "caption") for i in range(3)]
     answers = ["A red circle and a blue square.", "A blue square and a red circle.", "A green triangle."]
-    result = SimpleNamespace(answers=answers, visual_contribution=[None] * 3, visual_contribution_noise=[None] * 3)
+    result = ModelAnswers("m", answers, [None] * 3, [None] * 3, 0.0)
     summary, per_sample = scoring.score_answers(items, result)
     assert summary["caption"]["main_object_accuracy"] == 1 / 3
     assert [s["main_object_right"] for s in per_sample] == [True, False, False]
