@@ -62,7 +62,7 @@ def test_ui_commands_parse(command):
     assert args.host == "127.0.0.1"
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith(("python -m l2t.data", "python -m l2t.synthetic"))])
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith(("python -m l2t.data", "python -m l2t.synthetic", "python -m l2t.relevance"))])
 def test_data_commands_run_as_written(command, tmp_path, monkeypatch, capsys):
     import importlib
 
@@ -82,3 +82,17 @@ def test_evaluate_and_merge_commands_run(command, trained_run, tmp_path):
     module = importlib.import_module(argv[2])
     args = [str(trained_run) if a.startswith("runs/") else str(tmp_path / a) if a.startswith("merged/") else a for a in argv[3:]]
     assert module.main(args) == 0
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m l2t.tiny")])
+def test_tiny_commands_run(command, tmp_path, monkeypatch, capsys):
+    """As written, but pretraining shrunk to a few steps (the full recipe takes minutes; test_tiny checks what it built)."""
+    from l2t import tiny
+
+    for name, value in (("TRAIN_SCENES", 64), ("STAGE1_STEPS", 2), ("STAGE2_STEPS", 2), ("CHECK_SCENES", 8)):
+        monkeypatch.setattr(tiny, name, value)
+    args = [str(tmp_path / "out") if a.startswith("/tmp/") else a for a in shlex.split(command)[3:]]
+    assert tiny.main(args) == 0
+    assert capsys.readouterr().out.strip()
+    if "pretrain" in args:
+        assert (tmp_path / "out" / "base" / "pretrain_report.json").is_file() and (tmp_path / "out" / "stage1" / "model.safetensors").is_file()
