@@ -25,7 +25,7 @@ from l2t.config import ConfigError, load_config
 from l2t.data import REASONS, DataReport, Sample
 from l2t.images import ImageError
 from l2t.masking import Encoder, mask_preview
-from l2t.models import load_base_model, load_processor
+from l2t.models import fetch_model, load_base_model, load_processor
 from l2t.prepare import data_paths, prepare_data
 from l2t.synthetic import bundled_dir
 from l2t.templates import TaskTemplate, apply_edits
@@ -131,13 +131,17 @@ def inspect_data(selection: DataSelection, preset: str) -> Inspection:
 
 @functools.lru_cache(maxsize=4)
 def processor_for(preset: str):
-    return load_processor(load_config(preset).model)
+    config = load_config(preset)
+    fetch_model(config, weights=False)  # the mask needs the tokenizer and processor files only
+    return load_processor(config.model)
 
 
 @functools.lru_cache(maxsize=1)
 def base_model_for(preset: str):
     """The preset's base model, for the l2t_relevance heat map (one at a time: a real preset is gigabytes)."""
-    return load_base_model(load_config(preset).model)
+    config = load_config(preset)
+    fetch_model(config)
+    return load_base_model(config.model)
 
 
 # ---------------------------------------------------------------- what the tab shows

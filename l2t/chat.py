@@ -222,7 +222,13 @@ def render_prompt(messages: list[dict], fmt: PromptFormat) -> str:
     return render(messages, fmt, add_generation_prompt=True).text
 
 
-PROBE = [{"role": "user", "content": f"{IMAGE}What is in the picture?"}]
+PROBE_ANSWER = "A red circle."
+PROBE = [
+    {"role": "user", "content": f"{IMAGE}What is in the picture?"},
+    {"role": "assistant", "content": PROBE_ANSWER},
+    {"role": "user", "content": "Where is it?"},
+]
+"""Two turns with an image: the second prompt also shows how a past answer and a new turn are joined."""
 
 
 def _typed(messages: list[dict]) -> list[dict]:
@@ -242,17 +248,18 @@ def _typed(messages: list[dict]) -> list[dict]:
 def check_processor_template(processor, fmt: PromptFormat) -> str | None:
     """Compare the processor's own chat template with `fmt` on a probe prompt.
 
-    The probe is the first prompt of a conversation (an image, a question and
-    the generation prompt): it places the image and the role markers, which is
-    what a wrong prompt_format gets wrong. Templates that Hugging Face
-    conversions ship for inference leave out what the original training format
-    had (LLaVA-1.5's has no default system prompt; LLaVA-NeXT-Mistral's writes
-    `<\\s> ` after past answers), so a template without `fmt`'s default system
-    prompt still agrees, and past answers' end markers are not compared.
+    The probe is the prompt for a conversation's second answer (an image, a question,
+    an answer, a second question and the generation prompt): it places the image, the
+    role markers and the joints between turns, which is what a wrong prompt_format gets
+    wrong. Templates that Hugging Face conversions ship for inference leave out what the
+    original training format had (LLaVA-1.5's has no default system prompt, and ends a
+    past answer with a space instead of `</s>`; LLaVA-NeXT-Mistral's writes `<\\s> `), so
+    a template without `fmt`'s default system prompt still agrees, and the end marker of
+    the past answer is compared as a separator, whatever the template writes there.
 
-    Returns None when they agree (or the processor has no template), else a
-    message showing both renderings. Whitespace runs are compared as one space,
-    and a leading BOS written by the template is ignored (tokenizers add it).
+    Returns None when they agree (or the processor has no template), else a message
+    showing both renderings. Whitespace runs are compared as one space, and a leading
+    BOS written by the template is ignored (tokenizers add it).
     """
     template = getattr(processor, "chat_template", None)
     if not template:
@@ -267,6 +274,9 @@ def check_processor_template(processor, fmt: PromptFormat) -> str | None:
         theirs = theirs[len(bos):]
 
     def norm(s: str) -> str:
+        # LLaVA-NeXT-Mistral's hub template misspells the `</s>` after past answers as `<\s>`.
+        for marker in {fmt.response_end, fmt.response_end.replace("/", "\\")} - {""}:
+            s = s.replace(PROBE_ANSWER + marker, PROBE_ANSWER + " ")
         return " ".join(s.split())
 
     accepted = {norm(ours), norm(render_prompt(PROBE, replace(fmt, default_system="")))}

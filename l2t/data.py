@@ -2,6 +2,7 @@
 
     python -m l2t.data check DATA [--images DIR_OR_ZIP] [--strict]
     python -m l2t.data preview DATA --preset tiny --index 0 --mode l2t
+    python -m l2t.data preview DATA --preset smolvlm-256m model.hub_id=path/to/folder   # key=value overrides
 
 Two formats, detected per sample:
 
@@ -377,7 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     preview.add_argument("--preset", default="tiny")
     preview.add_argument("--index", type=int, default=0)
     preview.add_argument("--mode", default=None, help="loss mode (default: the preset's)")
-    args = parser.parse_args(argv)
+    preview.add_argument("overrides", nargs="*", help="key=value config overrides, as for python -m l2t.train (e.g. model.hub_id=DIR)")
+    args, extra = parser.parse_known_args(argv)
+    # argparse leaves key=value overrides that come after an option over: they are overrides too.
+    if extra and (args.command != "preview" or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         samples, report = load_samples(args.data, args.images, strict=False)
     except DataError as exc:
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(Path(args.json), report.to_dict())
         return 1 if args.strict and report.problems else 0
     try:
-        print(preview_sample(samples, index=args.index, preset=args.preset, mode=args.mode))
+        print(preview_sample(samples, index=args.index, preset=args.preset, mode=args.mode, overrides=[*args.overrides, *extra]))
     except (L2TError, ValueError, IndexError, OSError) as exc:
         return print_error(exc)
     return 0

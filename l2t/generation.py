@@ -27,8 +27,9 @@ import torch
 from l2t import chat, runs
 from l2t.batch import process_images
 from l2t.data import Sample
+from l2t.loss import labelled_token_loss
 from l2t.masking import IGNORE, Encoder, labels_and_weights
-from l2t.models import load_processor, load_with_adapter
+from l2t.models import fetch_model, load_processor, load_with_adapter
 
 DEFAULT_MAX_NEW_TOKENS = 48
 DEFAULT_BATCH_SIZE = 16
@@ -52,6 +53,7 @@ def prompt_and_reference(sample: Sample) -> tuple[list[dict], str]:
 
 def load_run(run: runs.TrainedRun):
     """The run's model (base + adapter, quantised as in training) and an encoder for its prompt format."""
+    fetch_model(run.config)
     encoder = Encoder.from_config(run.config, load_processor(run.config.model), run.task_templates)
     return load_with_adapter(run.config, run.path / runs.ADAPTER), encoder
 
@@ -173,12 +175,9 @@ def answer_log_probs(
     for start in range(0, len(conversations), batch_size):
         part = slice(start, start + batch_size)
         batch, labels = teacher_forced_batch(encoder, conversations[part], images_per_item[part], device)
-        logits = model(**with_pixels_in(batch, dtype)).logits[:, :-1]
-        targets = labels[:, 1:]
-        scored = targets != IGNORE
-        # Only the answer positions go through log_softmax: the vocabulary is wide, the answers short.
-        log_probs = logits[scored].float().log_softmax(-1).gather(1, targets[scored].unsqueeze(1)).squeeze(1)
-        results += [chunk.cpu().numpy() for chunk in log_probs.split(scored.sum(1).tolist())]
+        # Logits only where an answer token is predicted: the vocabulary is wide (152k for Qwen), the answers short.
+        token_loss, scored, _ = labelled_token_loss(model, {**with_pixels_in(batch, dtype), "labels": labels})
+        results += [(-chunk).cpu().numpy() for chunk in token_loss.split(scored.sum(1).tolist())]
     return results
 
 

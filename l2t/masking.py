@@ -240,10 +240,21 @@ def labels_and_weights(encoded: Encoded, mode: str, instruction_weight: float = 
     return labels, weights
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """One token's text as it reads inside a sentence.
+
+    Decoded alone, a SentencePiece token (Llama, Mistral) loses its leading space: the
+    decoder strips the space a sequence starts with. Decoded after a copy of itself, it
+    keeps it; a byte-level token reads the same either way.
+    """
+    alone = tokenizer.decode([token_id])
+    return tokenizer.decode([token_id, token_id])[len(alone) :]
+
+
 def preview_tokens(encoded: Encoded, tokenizer, mode: str) -> list[tuple[str, str, bool]]:
     """(token text, role name, in the loss) per token: what the UI colours and the CLI prints."""
     labels, _ = labels_and_weights(encoded, mode)
-    texts = [tokenizer.decode([int(t)]) for t in encoded.input_ids]
+    texts = [token_text(tokenizer, int(t)) for t in encoded.input_ids]
     return [(text, Role(int(r)).name.lower(), bool(lab != IGNORE)) for text, r, lab in zip(texts, encoded.roles, labels, strict=True)]
 
 
@@ -300,15 +311,16 @@ def format_preview(tokens: list[tuple[str, str, bool]]) -> str:
     return "\n".join(lines)
 
 
-def preview_sample(samples, index: int, preset: str = "tiny", mode: str | None = None) -> str:
+def preview_sample(samples, index: int, preset: str = "tiny", mode: str | None = None, overrides: list[str] = ()) -> str:
     """The `python -m l2t.data preview` text for one sample."""
-    from l2t.models import load_processor  # torch and transformers: only loaded when a preview is asked for
+    from l2t.models import fetch_model, load_processor  # torch and transformers: only loaded when a preview is asked for
 
-    config = load_config(preset)
+    config = load_config(preset, overrides=overrides)
     if not 0 <= index < len(samples):
         raise IndexError(f"--index {index} is out of range: the file has {len(samples)} usable samples")
     # The same list training uses: mined, then the preset's additions and removals.
     mined = mine_with_settings([s.instructions() for s in samples], config.templates)
+    fetch_model(config, weights=False)
     encoder = Encoder.from_config(config, load_processor(config.model), mined)
     mode = mode or config.loss.mode
     hint = ""

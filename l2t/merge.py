@@ -33,7 +33,7 @@ from l2t.errors import L2TError, print_error
 from l2t.generation import pad_token_id
 from l2t.masking import Encoder
 from l2t.model_card import model_card, parity_lines
-from l2t.models import checkpoint_dtype, dtype_name, load_base_model, load_processor, torch_dtype
+from l2t.models import checkpoint_dtype, dtype_name, fetch_model, load_base_model, load_processor, torch_dtype
 from l2t.parity import DEFAULT_CHECK_SAMPLES, ParityCheck, ParityError
 
 MAX_SHARD_SIZE = "2GB"
@@ -154,6 +154,7 @@ def merge_run(
     status = runs.read_status(run_dir)
     if status.get("state") not in (None, "finished"):
         say(f"note: the run is '{status['state']}' at step {status.get('step')} of {status.get('total')}; merging the adapter it saved")
+    fetch_model(config)
     dtype = resolve_dtype(dtype, config)
     processor = load_processor(config.model)
     encoder = Encoder.from_config(config, processor)

@@ -16,6 +16,7 @@ the compute dtype; only trainable weights are fp32.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -54,12 +55,77 @@ def compute_dtype(model: ModelConfig, device: str | None = None) -> torch.dtype:
     return torch_dtype(model.dtype)
 
 
+MODEL_FILES = ("*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model")
+"""What loading a model takes from its hub repository: configs, weights, tokenizer, processor, chat template."""
+
+
+def fetch_model(config: Config, weights: bool = True) -> None:
+    """Bring a hub model's files into the Hugging Face cache on its first use, saying how much.
+
+    Nothing happens for a built-in model, a local folder, or a model already in the
+    cache. Otherwise the hub is asked for the files' sizes first, that total is printed,
+    and huggingface_hub shows the download's progress. Without `weights`, only what the
+    processor needs comes. When the hub can't be reached, the error names the preset, the
+    model and the cache folder to fill by hand.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    hub_id = config.model.hub_id
+    if hub_id in BUILTIN_MODELS or Path(hub_id).expanduser().is_dir():
+        return
+    patterns = [p for p in MODEL_FILES if weights or p != "*.safetensors"]
+    try:
+        cached = Path(snapshot_download(hub_id, allow_patterns=patterns, local_files_only=True))
+        if not weights or any(cached.glob("*.safetensors")):
+            return
+    except HFValidationError:
+        return  # not a hub id (a folder that isn't there): loading says so
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        plan = snapshot_download(hub_id, allow_patterns=patterns, dry_run=True)
+        missing = [f for f in plan if f.will_download]
+        size = sum(f.file_size or 0 for f in missing)
+        print(f"preset {config.preset}: first use of {hub_id}: downloading {len(missing)} files, {size / 1e9:.2f} GB, into {hub_cache()}", flush=True)
+        snapshot_download(hub_id, allow_patterns=patterns)
+    except GatedRepoError:
+        raise ModelError(f"preset {config.preset}: {hub_id} is gated on the hub: accept its terms on huggingface.co and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"preset {config.preset}: the hub has no model '{hub_id}' (model.hub_id), or it is private: log in (hf auth login)") from None
+    except OSError as exc:  # no connection, offline mode, a download cut off (huggingface_hub's errors are OSErrors)
+        raise ModelError(unreachable(config, exc)) from None
+
+
+def hub_cache() -> Path:
+    """The folder huggingface_hub keeps downloaded models in (HF_HUB_CACHE, by default HF_HOME/hub)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def unreachable(config: Config, error: Exception) -> str:
+    """What to do when a preset's model is neither in the cache nor downloadable."""
+    from huggingface_hub import constants
+
+    hub_id, cache = config.model.hub_id, hub_cache()
+    cause = error.__cause__ or error
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return (
+        f"preset {config.preset} needs the model {hub_id}, which is not in the Hugging Face cache {cache}, "
+        f"and the hub can't be reached ({why}).\n"
+        f"Fill the cache by hand: where the hub can be reached, run `hf download {hub_id}` and copy the folder "
+        f"models--{hub_id.replace('/', '--')} it makes into {cache} (the cache is $HF_HOME/hub, or $HF_HUB_CACHE when set). "
+        "Or set model.hub_id to a local folder that holds the model."
+    )
+
+
 def load_processor(model: ModelConfig):
     """The model's processor with the preset's overrides, checked against our prompt format."""
-    from transformers import AutoProcessor
+    from l2t.processors import processor_class
 
     try:
-        processor = AutoProcessor.from_pretrained(source(model), trust_remote_code=model.trust_remote_code)
+        processor = processor_class(model.model_class).from_pretrained(source(model), trust_remote_code=model.trust_remote_code)
     except OSError as exc:
         raise ModelError(
             f"cannot load the processor of '{model.hub_id}': {exc}\n"

@@ -48,7 +48,7 @@ from l2t.files import atomic_write_bytes, atomic_write_json
 from l2t.generation import pad_token_id, vision_dtype, with_pixels_in
 from l2t.loss import labelled_token_loss
 from l2t.masking import IGNORE, Encoded, Encoder, Role, format_relevance, mask_preview
-from l2t.models import load_base_model, load_processor
+from l2t.models import fetch_model, load_base_model, load_processor
 from l2t.templates import mine_with_settings
 
 CHUNK = 256
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         samples, _ = load_samples(args.data, args.images)
         if not 0 <= args.index < len(samples):
             raise IndexError(f"--index {args.index} is out of range: the file has {len(samples)} usable samples")
+        fetch_model(config)
         processor = load_processor(config.model)
         templates = mine_with_settings([s.instructions() for s in samples], config.templates)
         encoder = Encoder.from_config(config, processor, templates)

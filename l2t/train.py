@@ -36,7 +36,7 @@ from l2t.evaluate import evaluate_loaded
 from l2t.files import atomic_write_bytes, atomic_write_json
 from l2t.generation import pad_token_id
 from l2t.masking import IGNORE, Encoded, Encoder
-from l2t.models import ModelError, add_lora, compute_dtype, load_base_model, load_processor, source
+from l2t.models import ModelError, add_lora, compute_dtype, fetch_model, load_base_model, load_processor, source
 from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data
 from l2t.report import markdown_table
 from l2t.templates import TaskTemplate, save_templates
@@ -65,6 +65,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     data = prepare_data(config)
     say(data.report.summary())
     print_templates(data.templates, config.loss.mode)
+    fetch_model(config)  # a hub model's first run: its size, then the download's progress
     processor = load_processor(config.model)
     encoder = Encoder.from_config(config, processor, data.templates)
     encoded = encode_data(config, data, encoder)

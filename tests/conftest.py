@@ -1,8 +1,9 @@
-"""Shared fixtures: the built-in tiny model's processor and a short training run, once per session, offline."""
+"""Shared fixtures, once per session and offline: the built-in tiny model's processor, a short training run, hub-shaped preset folders."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,3 +76,20 @@ def app(tmp_path_factory):
     yield SimpleNamespace(demo=demo, context=context, url=url, root=root, client=client)
     context.jobs.stop_all()
     demo.close()
+
+
+@pytest.fixture(scope="session")
+def hub_folder(tmp_path_factory):
+    """hub_folder(preset, weights=False): a folder shaped like the preset's hub repository, written once per session."""
+    from hub_folders import write_hub_folder
+
+    root = tmp_path_factory.mktemp("hub")
+    written: dict[tuple[str, bool], Path] = {}
+
+    def folder(preset: str, weights: bool = False) -> Path:
+        if (preset, weights) not in written:
+            written[preset, weights] = write_hub_folder(preset, root / (f"{preset}-weights" if weights else preset), weights)
+        return written[preset, weights]
+
+    yield folder
+    shutil.rmtree(root, ignore_errors=True)  # random weights: hundreds of MB that no later session needs

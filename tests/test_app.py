@@ -250,3 +250,23 @@ def test_a_crashed_training_shows_its_error_and_keeps_the_folder(app):
     assert "Traceback" not in status and "cannot load the processor" in log
     run = app.context.runs_dir / "broken-run"
     assert (run / "launch.yaml").exists() and (run / "train.log").exists()
+
+
+def test_a_hub_preset_neither_cached_nor_reachable_names_the_model_and_the_cache(app, tmp_path, monkeypatch):
+    from l2t.models import hub_cache
+
+    # The Data tab's mask preview loads the preset's tokenizer in the server, from the server's cache.
+    *_, mask = app.client.predict("smolvlm-256m", "l2t", api_name="/use_demo_data")
+    assert "l2t-warn" in mask and "needs the tokenizer of preset" in mask
+    assert f"preset smolvlm-256m needs the model HuggingFaceTB/SmolVLM-256M-Instruct, which is not in the Hugging Face cache {hub_cache()}" in mask
+
+    # The Train tab's run starts `python -m l2t.train` with an empty cache of its own (offline: conftest).
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    kwargs = start_kwargs(app.client, **{"Model preset": "smolvlm-256m", "Run name": "hub-run"})
+    app.client.predict(**kwargs, api_name="/start_training")
+    status, _, log = poll_until(app.client, ended)
+    assert state_of(status) == "failed", log
+    cache = tmp_path / "hf-home" / "hub"
+    assert f"preset smolvlm-256m needs the model HuggingFaceTB/SmolVLM-256M-Instruct, which is not in the Hugging Face cache {cache}" in status
+    assert f"run `hf download HuggingFaceTB/SmolVLM-256M-Instruct` and copy the folder models--HuggingFaceTB--SmolVLM-256M-Instruct it makes into {cache}" in status
+    assert "Traceback" not in log

@@ -9,6 +9,7 @@ $L2T_ARTIFACTS when it is set.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -88,8 +89,9 @@ def test_demo_data_training_and_comparison_in_the_browser(page, tmp_path):
     # Clicking a sample shows its conversation and mask; unticking a template puts it back in the loss.
     page.get_by_label("Thumbnail 2 of 48").click()
     expect(page.locator("#mask-preview")).to_contain_text("sample train_00001")
+    mined = int(re.search(r"(\d+) task templates", page.locator("#mask-preview").inner_text()).group(1))
     page.locator("#templates-table [role=row]", has_text="Answer yes or no.").get_by_test_id("checkbox").click()
-    expect(page.locator("#mask-preview")).to_contain_text("5 task templates")
+    expect(page.locator("#mask-preview")).to_contain_text(f"{mined - 1} task templates")
     page.get_by_label("Thumbnail 1 of 48").click()
     expect(page.locator("#mask-preview")).to_contain_text("sample train_00000")
     expect(page.locator("#mask-preview .tok-task_template")).to_have_count(0)

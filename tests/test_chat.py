@@ -5,6 +5,7 @@ import copy
 
 import jinja2
 import pytest
+from hub_folders import HUB_TEMPLATES
 
 from l2t import chat
 from l2t.chat import FORMATS, IMAGE_ROLE, INSTRUCTION, RESPONSE, RESPONSE_END, SYSTEM, check_processor_template, render, to_jinja
@@ -307,51 +308,6 @@ def test_check_processor_template_accepts_its_own_template(tiny_processor, name)
     assert check_processor_template(with_template(tiny_processor, to_jinja(FORMATS[name])), FORMATS[name]) is None
 
 
-# The chat templates shipped with the hub models of the presets (chat_template.json /
-# processor_config.json / tokenizer_config.json of each repo), copied verbatim.
-HUB_TEMPLATES = {
-    "llava-1.5": (  # llava-hf/llava-1.5-7b-hf
-        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-        "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-        "{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-    ),
-    "llava-next-mistral": (  # llava-hf/llava-v1.6-mistral-7b-hf
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '[INST] ' }}{# Render all images first #}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-        "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
-        "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '<\\\\s> '}}"
-        "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-    ),
-    "qwen2-vl": (  # Qwen/Qwen2-VL-2B-Instruct
-        "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-        "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-        "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-        "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-        "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-        "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-        "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-        "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-        "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-    "smolvlm": (  # HuggingFaceTB/SmolVLM-256M-Instruct
-        "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-        "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-        "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-        "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-    ),
-    "chatml": (  # llava-hf/llava-interleave-qwen-0.5b-hf
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{# Render all images first #}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-        "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
-        "{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-}
-
-
 @pytest.mark.parametrize("name", sorted(HUB_TEMPLATES))
 def test_check_processor_template_accepts_the_hub_models_templates(tiny_processor, name):
     assert check_processor_template(with_template(tiny_processor, HUB_TEMPLATES[name]), FORMATS[name]) is None
@@ -368,8 +324,8 @@ def test_check_processor_template_names_both_renderings(tiny_processor):
     problem = check_processor_template(with_template(tiny_processor, altered), FORMATS["tiny-llava-v1"])
     assert problem == (
         "the processor's chat template does not match prompt format 'tiny-llava-v1':\n"
-        "  template renders: 'User: <image>\\nWhat is in the picture?\\nASSISTANT:'\n"
-        "  format renders:   'USER: <image>\\nWhat is in the picture?\\nASSISTANT:'\n"
+        "  template renders: 'User: <image>\\nWhat is in the picture?\\nASSISTANT: A red circle.</s>User: Where is it?\\nASSISTANT:'\n"
+        "  format renders:   'USER: <image>\\nWhat is in the picture?\\nASSISTANT: A red circle.</s>USER: Where is it?\\nASSISTANT:'\n"
         "Training with a mismatched format would put the loss mask on the wrong tokens. "
         "Fix model.prompt_format, or set model.check_chat_template=false if you are sure."
     )

@@ -2,20 +2,18 @@
 family's own processor, and properties of random conversations.
 
 Every family's processor class is built offline from a small image processor
-and a byte-level BPE tokenizer trained on a few sentences, with the family's
-special tokens registered, so the image-token expansion and the tokenization
-are the real transformers code paths.
+and a byte-level BPE tokenizer trained on a few sentences (`hub_folders.byte_level_tokenizer`),
+with the family's special tokens registered, so the image-token expansion and the
+tokenization are the real transformers code paths (Qwen2-VL's through
+`l2t.processors`, as the product builds it).
 """
-
-import contextlib
 
 import numpy as np
 import pytest
+from hub_folders import byte_level_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from l2t import chat
 from l2t.masking import (
@@ -30,32 +28,11 @@ from l2t.masking import (
     token_roles,
 )
 
-CORPUS = [
-    "What is in the picture? A red circle on the left.",
-    "Where is it? Describe the image in one sentence.",
-    "Answer the question using a single word or phrase.",
-    "You are a helpful assistant. User: Assistant: system user assistant",
-]
-
-
-def byte_level_tokenizer(special_tokens: list[str], bos: str | None = None, **kwargs) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(CORPUS * 3, trainer=trainer)
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, **kwargs)
-
 
 def qwen2_vl_processor():
-    import transformers
-    from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.video_processing_utils import BaseVideoProcessor, VideoProcessorMixin
+
+    from l2t.processors import Qwen2VLProcessor
 
     tokenizer = byte_level_tokenizer(
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
@@ -64,14 +41,7 @@ def qwen2_vl_processor():
     )
     # 4-px patches merged 2x2: one image token per 8x8 pixels, between 1 and 64 of them.
     image_processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 64, "longest_edge": 64 * 64})
-    with contextlib.ExitStack() as stack:
-        if not hasattr(transformers, "VideoProcessorMixin"):
-            # Without torchvision, transformers exports no video processor classes and
-            # ProcessorMixin's type check of the (unused) video processor fails; the base
-            # class itself imports fine, so let the check find it.
-            patch = stack.enter_context(pytest.MonkeyPatch.context())
-            patch.setattr(transformers, "VideoProcessorMixin", VideoProcessorMixin, raising=False)
-        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=BaseVideoProcessor())
+    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def idefics3_processor(image_splitting: bool = False):
@@ -300,6 +270,8 @@ MODE_ROLES = {
 def test_golden_families(family_processors, family, mode):
     encoder = encoder_for(family_processors, family)
     encoded = encoder.encode(TWO_TURNS, [(16, 16)])
+    if mode == "l2t_relevance":  # every instruction token fully relevant: the l2t mask
+        encoded.relevance = np.ones(len(encoded.input_ids), dtype=np.float32)
     expected = [(tokens, role, role in MODE_ROLES[mode]) for tokens, role, _ in FAMILY_GOLDEN[family]]
     assert runs(encoder, encoded, mode) == expected
     if mode == "l2t":

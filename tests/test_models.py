@@ -124,3 +124,62 @@ def test_8bit_loads_and_trains(tiny_processor):
     out = model(**inputs, labels=inputs["input_ids"])
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+# ---------------------------------------------------------------- a hub model's first use
+
+
+def test_first_use_of_a_hub_model_says_how_much_it_downloads(monkeypatch, capsys):
+    """The hub can't be reached from the tests: its client is replaced by one that answers as the hub would."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.file_download import DryRunFileInfo
+
+    from l2t.models import MODEL_FILES, fetch_model, hub_cache
+
+    def file(name: str, size: int, cached: bool) -> DryRunFileInfo:
+        return DryRunFileInfo(commit_hash="0" * 40, file_size=size, filename=name, local_path="", is_cached=cached, will_download=not cached)
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False, dry_run=False):
+        calls.append((repo_id, tuple(allow_patterns), local_files_only, dry_run))
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        if dry_run:
+            return [file("model.safetensors", 512_600_000, False), file("tokenizer.json", 3_500_000, False), file("config.json", 7_000, True)]
+        return "/snapshot"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    fetch_model(load_config("smolvlm-256m"))
+    assert capsys.readouterr().out == (
+        f"preset smolvlm-256m: first use of HuggingFaceTB/SmolVLM-256M-Instruct: downloading 2 files, 0.52 GB, into {hub_cache()}\n"
+    )
+    repo = "HuggingFaceTB/SmolVLM-256M-Instruct"
+    assert calls == [(repo, MODEL_FILES, True, False), (repo, MODEL_FILES, False, True), (repo, MODEL_FILES, False, False)]
+
+    calls.clear()
+    fetch_model(load_config("smolvlm-256m"), weights=False)  # the processor alone: no weights
+    assert all("*.safetensors" not in patterns for _, patterns, _, _ in calls)
+
+
+def test_nothing_to_fetch_for_a_builtin_model_or_a_folder(tmp_path):
+    from l2t.models import fetch_model
+
+    fetch_model(load_config("tiny"))
+    fetch_model(load_config("smolvlm-256m", overrides=[f"model.hub_id={tmp_path}"]))
+    fetch_model(load_config("tiny", overrides=["model.hub_id=/nonexistent/model"]))  # not a hub id: loading says what is missing
+
+
+def test_a_hub_model_neither_cached_nor_reachable_is_a_model_error():
+    from l2t.models import fetch_model, hub_cache
+
+    config = load_config("smolvlm-256m", overrides=["model.hub_id=l2t-tests/not-downloaded"])  # offline: conftest
+    with pytest.raises(ModelError) as error:
+        fetch_model(config)
+    message = str(error.value)
+    assert message.startswith(
+        f"preset smolvlm-256m needs the model l2t-tests/not-downloaded, which is not in the Hugging Face cache {hub_cache()}, "
+        "and the hub can't be reached (HF_HUB_OFFLINE is set)."
+    )
+    assert "`hf download l2t-tests/not-downloaded`" in message and "models--l2t-tests--not-downloaded" in message
