@@ -75,7 +75,7 @@ class ModelConfig:
     dtype: str = "auto"
     """Compute/storage dtype of the non-quantised weights; auto = bf16 where supported, else fp32."""
     quant_storage: str = "auto"
-    """Container dtype of the packed 4-bit weights: auto = the compute dtype under FSDP (it shards them with the rest), else uint8."""
+    """Container dtype of the packed 4-bit weights: auto = the compute dtype under FSDP or DeepSpeed ZeRO-3 (so they shard with the rest), else uint8."""
     skip_modules: list = field(default_factory=list)
     """Full module-name prefixes kept out of quantisation (vision tower, projector, lm_head)."""
     vision_modules: list = field(default_factory=list)

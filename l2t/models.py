@@ -99,22 +99,26 @@ def checkpoint_dtype(model: ModelConfig) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def launched_under_fsdp() -> bool:
-    """Whether `accelerate launch` started this process with an FSDP config (it exports ACCELERATE_USE_FSDP)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("true", "1", "yes")
+def launch_shards_weights() -> bool:
+    """Whether `accelerate launch` started this process with FSDP or DeepSpeed ZeRO-3 (it exports these variables)."""
+
+    def flag(name: str) -> bool:
+        return os.environ.get(name, "false").strip().lower() in ("true", "1", "yes")
+
+    return flag("ACCELERATE_USE_FSDP") or (flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
 
 
 def quant_storage_dtype(model: ModelConfig, dtype: torch.dtype) -> torch.dtype:
     """The container dtype of the packed 4-bit weights (`model.quant_storage`).
 
     FSDP1 flattens each wrapped module's parameters into one tensor of one dtype,
-    so packed weights in uint8 beside bf16 ones cannot be sharded; stored in the
-    compute dtype they can (the same bits, another container). FSDP2 shards each
-    parameter on its own and takes either. Single-process and DDP runs keep
-    bitsandbytes' uint8 default.
+    and ZeRO-3 partitions them as if they were one dtype, so packed weights in
+    uint8 beside bf16 ones cannot be sharded; stored in the compute dtype they can
+    (the same bits, another container). FSDP2 shards each parameter on its own and
+    takes either. Single-process and DDP runs keep bitsandbytes' uint8 default.
     """
     if model.quant_storage == "auto":
-        return dtype if launched_under_fsdp() else torch.uint8
+        return dtype if launch_shards_weights() else torch.uint8
     if model.quant_storage == "uint8":
         return torch.uint8
     return torch_dtype(model.quant_storage)
