@@ -42,6 +42,8 @@ LOSS_MODES = tuple(LOSS_MODE_DESCRIPTIONS)
 QUANT_MODES = ("4bit", "8bit", "none")
 DTYPES = {"auto": "", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """model.dtype names -> the torch dtype each stands for (auto: chosen per device, see l2t.models)."""
+QUANT_STORAGE = ("auto", "uint8", "bf16", "fp16", "fp32")
+"""model.quant_storage names (auto: chosen per launch, see l2t.models.quant_storage_dtype)."""
 MODEL_CLASSES = (
     "LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration",
@@ -72,6 +74,8 @@ class ModelConfig:
     """Weights of the language model: 4bit (NF4, QLoRA), 8bit, or none (plain LoRA)."""
     dtype: str = "auto"
     """Compute/storage dtype of the non-quantised weights; auto = bf16 where supported, else fp32."""
+    quant_storage: str = "auto"
+    """Container dtype of the packed 4-bit weights: auto = the compute dtype under FSDP or DeepSpeed ZeRO-3 (so they shard with the rest), else uint8."""
     skip_modules: list = field(default_factory=list)
     """Full module-name prefixes kept out of quantisation (vision tower, projector, lm_head)."""
     vision_modules: list = field(default_factory=list)
@@ -357,6 +361,7 @@ def validate(config: Config) -> None:
     check(m.model_class in MODEL_CLASSES, "model.model_class", m.model_class, f"must be one of {', '.join(MODEL_CLASSES)}")
     check(m.quant in QUANT_MODES, "model.quant", m.quant, f"must be one of {', '.join(QUANT_MODES)}")
     check(m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
+    check(m.quant_storage in QUANT_STORAGE, "model.quant_storage", m.quant_storage, f"must be one of {', '.join(QUANT_STORAGE)}")
     check(m.image_max_pixels >= 0, "model.image_max_pixels", m.image_max_pixels, "must be >= 0")
     check(m.prompt_format in FORMATS, "model.prompt_format", m.prompt_format, f"must be one of {', '.join(sorted(FORMATS))}")
     try:

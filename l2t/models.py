@@ -15,6 +15,7 @@ the compute dtype; only trainable weights are fp32.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -164,6 +165,31 @@ def checkpoint_dtype(model: ModelConfig) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
+def launch_shards_weights() -> bool:
+    """Whether `accelerate launch` started this process with FSDP or DeepSpeed ZeRO-3 (it exports these variables)."""
+
+    def flag(name: str) -> bool:
+        return os.environ.get(name, "false").strip().lower() in ("true", "1", "yes")
+
+    return flag("ACCELERATE_USE_FSDP") or (flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+
+
+def quant_storage_dtype(model: ModelConfig, dtype: torch.dtype) -> torch.dtype:
+    """The container dtype of the packed 4-bit weights (`model.quant_storage`).
+
+    FSDP1 flattens each wrapped module's parameters into one tensor of one dtype,
+    and ZeRO-3 partitions them as if they were one dtype, so packed weights in
+    uint8 beside bf16 ones cannot be sharded; stored in the compute dtype they can
+    (the same bits, another container). FSDP2 shards each parameter on its own and
+    takes either. Single-process and DDP runs keep bitsandbytes' uint8 default.
+    """
+    if model.quant_storage == "auto":
+        return dtype if launch_shards_weights() else torch.uint8
+    if model.quant_storage == "uint8":
+        return torch.uint8
+    return torch_dtype(model.quant_storage)
+
+
 def quantization_config(model: ModelConfig, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
@@ -175,7 +201,7 @@ def quantization_config(model: ModelConfig, dtype: torch.dtype):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=quant_storage_dtype(model, dtype),
             llm_int8_skip_modules=skip,
         )
     if model.quant == "8bit":
@@ -201,7 +227,8 @@ def load_base_model(model: ModelConfig, quant: str | None = None, device: str | 
     qconfig = quantization_config(spec, dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+        # Each process of a multi-GPU launch loads onto its own card (before the Trainer sets the device).
+        kwargs["device_map"] = {"": device if device != "cuda" else int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     try:
         base = cls.from_pretrained(source(model), **kwargs)
     except ImportError as exc:

@@ -134,12 +134,16 @@ def is_trained(run_dir: Path) -> bool:
     return (Path(run_dir) / ADAPTER_CONFIG).is_file()
 
 
-def save_adapter(model, run_dir: Path) -> None:
-    """adapter/ in peft format (loads with PeftModel.from_pretrained), renamed into place whole."""
+def save_adapter(model, run_dir: Path, state_dict: dict | None = None) -> None:
+    """adapter/ in peft format (loads with PeftModel.from_pretrained), renamed into place whole.
+
+    `state_dict`: the model's full weights where FSDP or DeepSpeed ZeRO-3 left each
+    process only a shard (gathered by every process before the main one saves).
+    """
     tmp = run_dir / f".{ADAPTER}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written adapter must not outlive the failure
         raise

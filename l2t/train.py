@@ -248,8 +248,9 @@ def fit(trainer: L2TTrainer, checkpoint: Path | None, run_dir: Path, folder: Run
     """Train (from the checkpoint, if any), then save the adapter and the loss plot; a failure is marked in status.json."""
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        state_dict = gathered_state_dict(trainer)
         if is_main_process():
-            runs.save_adapter(trainer.model, run_dir)
+            runs.save_adapter(trainer.model, run_dir, state_dict)
             plot_losses(run_dir)
     except torch.cuda.OutOfMemoryError:
         failed(folder, "out of GPU memory")
@@ -263,6 +264,13 @@ def fit(trainer: L2TTrainer, checkpoint: Path | None, run_dir: Path, folder: Run
         raise
     finally:
         stopper.restore()  # on_train_end doesn't run when training raises
+
+
+def gathered_state_dict(trainer: L2TTrainer) -> dict | None:
+    """The full weights when FSDP or DeepSpeed shard them across processes (every process takes part); else None."""
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model)
+    return None
 
 
 def plot_losses(run_dir: Path) -> None:

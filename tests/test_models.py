@@ -183,3 +183,24 @@ def test_a_hub_model_neither_cached_nor_reachable_is_a_model_error():
         "and the hub can't be reached (HF_HUB_OFFLINE is set)."
     )
     assert "`hf download l2t-tests/not-downloaded`" in message and "models--l2t-tests--not-downloaded" in message
+
+
+@pytest.mark.parametrize(
+    ("setting", "fsdp", "expected"),
+    [("auto", False, torch.uint8), ("auto", True, torch.bfloat16), ("uint8", True, torch.uint8), ("fp32", False, torch.float32)],
+)
+def test_quant_storage_follows_the_launch(setting, fsdp, expected, monkeypatch):
+    from l2t.models import quantization_config
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    if fsdp:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` exports with an FSDP config
+    model = load_config("tiny", overrides=[f"model.quant_storage={setting}"]).model
+    assert quantization_config(model, torch.bfloat16).bnb_4bit_quant_storage == expected
+
+
+def test_unknown_quant_storage_is_refused():
+    from l2t.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.quant_storage='int4': must be one of auto, uint8"):
+        load_config("tiny", overrides=["model.quant_storage=int4"])

@@ -40,7 +40,7 @@ def test_the_readme_starts_with_the_two_setup_commands():
 
 
 def test_every_readme_command_is_known():
-    known = ("make ", "python -m l2t.", "python -m app", "torchrun ")
+    known = ("make ", "python -m l2t.", "python -m app", "torchrun ", "accelerate launch --config_file ")
     unknown = [c for c in COMMANDS if not c.startswith(known)]
     assert not unknown, f"README commands this test does not check: {unknown}"
 
@@ -52,6 +52,15 @@ def test_training_commands_parse_and_validate(command):
     argv = shlex.split(command)
     config, _ = parse_args(argv[argv.index("l2t.train") + 1 :])
     assert config.preset in {p.stem for p in (REPO / "presets").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("accelerate launch")])
+def test_accelerate_commands_name_a_shipped_config(command):
+    """The launch itself needs GPUs; its config is read by accelerate's launcher in test_accelerate_configs.py."""
+    argv = shlex.split(command)
+    config = REPO / argv[argv.index("--config_file") + 1]
+    assert config.is_file() and config.parent == REPO / "configs" / "accelerate"
+    assert argv[argv.index("--config_file") + 2 :][:2] == ["-m", "l2t.train"]
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m app")])
