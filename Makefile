@@ -1,5 +1,5 @@
 # make demo  -> fine-tune the tiny preset on the bundled data with L2T, print before/after answers
-# make test  -> the test suite
+# make test  -> the test suite, in a random order (the seed is printed at the top)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -15,10 +15,10 @@ demo: $(VENV)/.installed
 	$(PY) -m l2t.train --preset tiny --output runs/demo --overwrite
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest --random-order
 
 ui: $(VENV)/.installed
 	$(PY) -m app
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check l2t app tests bench
+	$(PY) -m ruff check l2t app tests bench tools

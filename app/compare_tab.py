@@ -166,11 +166,11 @@ def build_compare_tab(context: AppContext, demo: gr.Blocks) -> None:
     run, refresh = run_picker("compare-run")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, elem_classes="l2t-card"):
-            upload = gr.File(label="Upload an image", file_types=["image"], height=110)
-            picture = gr.Image(label="Image", type="pil", format="png", interactive=False, height=220, buttons=[])
+            upload = gr.File(label="Upload an image", file_types=["image"], height=110, elem_id="compare-upload")
+            picture = gr.Image(label="Image", type="pil", format="png", interactive=False, height=220, buttons=[], elem_id="compare-picture")
             sample_button = gr.Button("Try a held-out sample")
             reference = gr.HTML()
-            prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2)
+            prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, elem_id="compare-prompt")
             go = gr.Button("Compare base and tuned", variant="primary", elem_id="compare-button")
         with gr.Column(scale=3):
             with gr.Row(equal_height=True):

@@ -92,6 +92,9 @@ class RunFolderCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time = time.time()
+        if state.global_step and is_main_process():
+            # The step the Trainer read back from the checkpoint, not the one asked for: a resume that restarts shows.
+            print(f"resumed at step {state.global_step} of {state.max_steps}", flush=True)
         self.status("running", step=state.global_step, total=state.max_steps, started=self.started)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -1,4 +1,7 @@
-"""Shared fixtures, once per session and offline: the built-in tiny model's processor, a short training run, hub-shaped preset folders."""
+"""Shared fixtures, once per session and offline: the built-in tiny model's processor, short training runs, hub-shaped preset folders.
+
+Also the rule on skips: a skip that tests/allowed_skips.txt does not list fails the run.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +22,56 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+ALLOWED_SKIPS = Path(__file__).with_name("allowed_skips.txt")
+
+
+def allowed_skips() -> list[tuple[str, str]]:
+    """(node id, start of the skip reason) of each skip tests/allowed_skips.txt allows."""
+    allowed = []
+    for line in ALLOWED_SKIPS.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            node_id, reason, _why = (part.strip() for part in line.split(" | "))
+            allowed.append((node_id, reason))
+    return allowed
+
+
+def skip_reason(report) -> str:
+    longrepr = report.longrepr
+    message = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return message.removeprefix("Skipped: ")
+
+
+_unlisted_skips: list[str] = []
+
+
+def _check_skip(report) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = skip_reason(report)
+    node_id = report.nodeid.split("[")[0]
+    if not any(node_id == allowed and reason.startswith(start) for allowed, start in allowed_skips()):
+        _unlisted_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_runtest_logreport(report):
+    _check_skip(report)
+
+
+def pytest_collectreport(report):
+    _check_skip(report)  # a test file that skips itself (pytest.importorskip at module level)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unlisted_skips and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unlisted_skips:
+        terminalreporter.section("skips that tests/allowed_skips.txt does not allow", red=True)
+        for line in _unlisted_skips:
+            terminalreporter.line(line, red=True)
 
 
 @pytest.fixture(scope="session")
@@ -42,16 +95,26 @@ def shapes_dir() -> Path:
     return bundled_dir()
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> Path:
-    """A short tiny-preset training run (L2T mode), shared by evaluate/merge/UI tests."""
+def train_tiny(run_dir: Path, *overrides: str) -> Path:
+    """A 60-step tiny-preset run, evaluated on the held-out split at its end (eval/report.json)."""
     from l2t.config import load_config
     from l2t.train import train
 
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny-l2t"
-    config = load_config("tiny", overrides=[f"output={run_dir}", "train.max_steps=60", "train.logging_steps=10", "train.preview_samples=2"])
-    train(config)
+    settings = [f"output={run_dir}", "train.max_steps=60", "train.logging_steps=10", "train.preview_samples=2", *overrides]
+    train(load_config("tiny", overrides=settings))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A short tiny-preset training run (L2T mode), shared by evaluate/merge/UI tests; tests that write into a run copy it."""
+    return train_tiny(tmp_path_factory.mktemp("runs") / "tiny-l2t")
+
+
+@pytest.fixture(scope="session")
+def response_run(tmp_path_factory) -> Path:
+    """The same run with loss.mode=response: a second run whose answers differ, to compare runs with."""
+    return train_tiny(tmp_path_factory.mktemp("runs") / "tiny-response", "loss.mode=response")
 
 
 def free_port() -> int:

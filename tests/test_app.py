@@ -1,9 +1,11 @@
 """The web UI through its API (gradio_client), against the app launched in this process.
 
-One server for the module: load the demo data, check the report and the mask,
-train a short run in a subprocess while a second start is refused, follow it
-to the end, compare base and tuned answers, merge with the parity check. Bad
-uploads (zip-slip, corrupt and oversized images) get messages, not files.
+One server for the module, and a new browser session for each test, so that
+no test depends on what another one did: load the demo data, check the report
+and the mask, train a short run in a subprocess while a second start is
+refused, follow it to the end, compare base and tuned answers, merge with the
+parity check. Bad uploads (zip-slip, corrupt and oversized images) get
+messages, not files.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import struct
 import time
 import zipfile
@@ -22,6 +25,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from l2t import runs
 from l2t.synthetic import BUNDLE_ARGS, bundled_dir
 
 BUNDLED = BUNDLE_ARGS["n"]  # samples in the bundled demo train split
@@ -81,6 +85,24 @@ def llava_record(sample_id: str, image: str) -> dict:
         {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "A red square."}]}  # fmt: skip
 
 
+@pytest.fixture
+def client(app) -> Client:
+    """A new browser session: no data chosen, no template edited."""
+    return Client(app.url, verbose=False, download_files=app.root / "downloads")
+
+
+def use_demo_data(client: Client) -> dict:
+    """Press "Use the demo data"; returns the template table."""
+    return client.predict("tiny", "l2t", api_name="/use_demo_data")[3]
+
+
+@pytest.fixture(scope="module")
+def tuned_run(app, trained_run) -> str:
+    """A finished run in the UI's runs folder (the session's tiny run, copied so that merging into it changes nothing shared)."""
+    shutil.copytree(trained_run, app.context.runs_dir / "tuned-run", ignore=shutil.ignore_patterns(runs.CHECKPOINTS))
+    return "tuned-run"
+
+
 def test_binds_to_localhost_by_default(app):
     from app.__main__ import parse_args
 
@@ -89,8 +111,8 @@ def test_binds_to_localhost_by_default(app):
     assert app.demo.server_name == "127.0.0.1"
 
 
-def test_demo_data_report_and_mask(app):
-    report, gallery, index, templates, picture, conversation, mask = app.client.predict("tiny", "l2t", api_name="/use_demo_data")
+def test_demo_data_report_and_mask(client):
+    report, gallery, index, templates, picture, conversation, mask = client.predict("tiny", "l2t", api_name="/use_demo_data")
     assert f"{BUNDLED} of {BUNDLED} samples usable" in report
     assert len(gallery) > 10 and index["maximum"] == BUNDLED - 1
     sentences = {row[1]: row for row in templates["data"]}
@@ -100,26 +122,29 @@ def test_demo_data_report_and_mask(app):
     # Sample 0 asks "Does the picture show a red triangle at the top? Answer yes or no."
     assert "Does the picture show a red triangle" in conversation
     assert "tok-instruction tok-in" in mask and "tok-task_template tok-out" in mask and "tok-image tok-out" in mask
-    _, _, response_only = app.client.predict("tiny", 0, "response", api_name="/mask_preview")
+    _, _, response_only = client.predict("tiny", 0, "response", api_name="/mask_preview")
     assert "tok-instruction tok-out" in response_only and "tok-instruction tok-in" not in response_only
 
     # Unticking a template puts it back in the loss, and the run config will say so.
     rows = [[row[1] != "Answer yes or no.", *row[1:]] for row in templates["data"]]
-    _, after = app.client.predict({"headers": templates["headers"], "data": rows}, "tiny", 0, "l2t", api_name="/edit_templates")
+    _, after = client.predict({"headers": templates["headers"], "data": rows}, "tiny", 0, "l2t", api_name="/edit_templates")
     in_loss = [int(re.search(r"(\d+) in the loss", html).group(1)) for html in (mask, after)]
     assert in_loss[1] > in_loss[0] and "tok-task_template" not in after  # its tokens are instruction now
 
     # An added sentence is masked like a mined one; it must be exactly one sentence.
     question = "Does the picture show a red triangle at the top?"
-    rows, added, _ = app.client.predict(question, "tiny", 0, "l2t", api_name="/add_template")
+    rows, added, _ = client.predict(question, "tiny", 0, "l2t", api_name="/add_template")
     assert [question, 0, "–", "added by you"] == rows["data"][-1][1:]
     assert "tok-task_template tok-out" in added
     with pytest.raises(AppError, match="exactly one sentence"):
-        app.client.predict("Two sentences. Not one.", "tiny", 0, "l2t", api_name="/add_template")
+        client.predict("Two sentences. Not one.", "tiny", 0, "l2t", api_name="/add_template")
 
 
-def test_training_runs_in_a_subprocess_and_a_second_start_is_refused(app):
-    client = app.client
+def test_training_runs_in_a_subprocess_and_a_second_start_is_refused(app, client):
+    templates = use_demo_data(client)
+    rows = [[row[1] != "Answer yes or no.", *row[1:]] for row in templates["data"]]
+    client.predict({"headers": templates["headers"], "data": rows}, "tiny", 0, "l2t", api_name="/edit_templates")
+    client.predict("Does the picture show a red triangle at the top?", "tiny", 0, "l2t", api_name="/add_template")
     settings = {"Max steps (0: use epochs)": 30, "key=value, one per line": "train.preview_samples=0\ntrain.logging_steps=10"}
     status, _ = client.predict(**start_kwargs(client, **settings, **{"Run name": "ui-run"}), api_name="/start_training")
     assert state_of(status) in ("preparing", "running")
@@ -146,24 +171,24 @@ def test_training_runs_in_a_subprocess_and_a_second_start_is_refused(app):
     assert (run / "adapter" / "adapter_config.json").exists()
 
 
-def test_compare_returns_base_and_tuned_answers(app):
-    picture, prompt, reference = app.client.predict("ui-run", api_name="/held_out_sample")
+def test_compare_returns_base_and_tuned_answers(client, tuned_run):
+    picture, prompt, reference = client.predict(tuned_run, api_name="/held_out_sample")
     assert prompt and "reference answer" in reference
-    base, tuned = app.client.predict("ui-run", handle_file(picture), prompt, api_name="/compare")
+    base, tuned = client.predict(tuned_run, handle_file(picture), prompt, api_name="/compare")
     assert base.strip() and tuned.strip() and base != tuned
 
 
-def test_export_merges_with_a_passing_parity_check(app):
-    result, log, report = app.client.predict("ui-run", api_name="/merge")
+def test_export_merges_with_a_passing_parity_check(app, client, tuned_run):
+    result, log, report = client.predict(tuned_run, api_name="/merge")
     assert report["parity"]["passed"] is True, log
     assert "Parity check passed" in result
-    merged = app.context.runs_dir / "ui-run" / "merged"
+    merged = app.context.runs_dir / tuned_run / "merged"
     assert (merged / "config.json").exists() and any(merged.glob("*.safetensors"))
-    archive = app.client.predict("ui-run", api_name="/adapter_zip")
-    assert "ui-run/adapter/adapter_config.json" in zipfile.ZipFile(archive).namelist()
+    archive = client.predict(tuned_run, api_name="/adapter_zip")
+    assert f"{tuned_run}/adapter/adapter_config.json" in zipfile.ZipFile(archive).namelist()
 
 
-def test_zip_slip_is_rejected_and_nothing_is_written_outside(app, tmp_path):
+def test_zip_slip_is_rejected_and_nothing_is_written_outside(app, client, tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([llava_record("s1", "../evil.png")]))
     archive = tmp_path / "images.zip"
@@ -171,7 +196,7 @@ def test_zip_slip_is_rejected_and_nothing_is_written_outside(app, tmp_path):
         z.writestr("../evil.png", png_bytes())
     before = {p for p in app.root.rglob("*")}
     with pytest.raises(AppError, match=r"'\.\./evil\.png' has an absolute path or '\.\.'"):
-        app.client.predict(handle_file(str(data)), handle_file(str(archive)), "tiny", "l2t", api_name="/load_upload")
+        client.predict(handle_file(str(data)), handle_file(str(archive)), "tiny", "l2t", api_name="/load_upload")
     created = {p for p in app.root.rglob("*")} - before
     uploads = app.context.uploads_dir
     assert all(p.is_relative_to(uploads) for p in created)
@@ -179,7 +204,7 @@ def test_zip_slip_is_rejected_and_nothing_is_written_outside(app, tmp_path):
     assert not list(app.root.parent.rglob("evil.png"))
 
 
-def test_bad_images_get_a_message_naming_the_sample(app, tmp_path):
+def test_bad_images_get_a_message_naming_the_sample(app, client, tuned_run, tmp_path):
     data = tmp_path / "data.jsonl"
     records = [llava_record("good", "a/good.png"), llava_record("broken", "a/broken.png"), llava_record("huge", "a/huge.png")]
     data.write_text("\n".join(json.dumps(r) for r in records))
@@ -188,7 +213,7 @@ def test_bad_images_get_a_message_naming_the_sample(app, tmp_path):
         z.writestr("a/good.png", png_bytes())
         z.writestr("a/broken.png", b"\x89PNG\r\n\x1a\n this is not an image")
         z.writestr("a/huge.png", png_claiming(20_000, 20_000))
-    report, *_ = app.client.predict(handle_file(str(data)), handle_file(str(archive)), "tiny", "l2t", api_name="/load_upload")
+    report, *_ = client.predict(handle_file(str(data)), handle_file(str(archive)), "tiny", "l2t", api_name="/load_upload")
     assert "1 of 3 samples usable" in report
     assert "image_unreadable" in report and "broken (line 2)" in report
     assert "image_too_large" in report and "huge (line 3)" in report
@@ -198,7 +223,7 @@ def test_bad_images_get_a_message_naming_the_sample(app, tmp_path):
     corrupt = tmp_path / "photo.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(AppError, match="not a readable image"):
-        app.client.predict("ui-run", handle_file(str(corrupt)), api_name="/check_image")
+        client.predict(tuned_run, handle_file(str(corrupt)), api_name="/check_image")
 
 
 def test_upload_caps_refuse_zip_bombs(tmp_path):
@@ -221,8 +246,8 @@ def test_upload_caps_refuse_zip_bombs(tmp_path):
     assert store_archive(archive, folder) == folder / "images.zip"
 
 
-def test_stop_saves_a_checkpoint_and_resume_continues(app):
-    client = app.client
+def test_stop_saves_a_checkpoint_and_resume_continues(app, client):
+    use_demo_data(client)
     settings = {"Max steps (0: use epochs)": 100_000, "key=value, one per line": "train.preview_samples=0\ntrain.logging_steps=1"}
     client.predict(**start_kwargs(client, **settings, **{"Run name": "stop-run"}), api_name="/start_training")
     poll_until(client, lambda s: state_of(s) == "running" or ended(s))
@@ -241,10 +266,11 @@ def test_stop_saves_a_checkpoint_and_resume_continues(app):
     assert state_of(status) == "stopped" and "Traceback" not in log
 
 
-def test_a_crashed_training_shows_its_error_and_keeps_the_folder(app):
-    kwargs = start_kwargs(app.client, **{"Run name": "broken-run", "key=value, one per line": f"model.hub_id={app.root / 'no-such-model'}"})
-    app.client.predict(**kwargs, api_name="/start_training")
-    status, _, log = poll_until(app.client, ended)
+def test_a_crashed_training_shows_its_error_and_keeps_the_folder(app, client):
+    use_demo_data(client)
+    kwargs = start_kwargs(client, **{"Run name": "broken-run", "key=value, one per line": f"model.hub_id={app.root / 'no-such-model'}"})
+    client.predict(**kwargs, api_name="/start_training")
+    status, _, log = poll_until(client, ended)
     assert state_of(status) == "failed"
     assert "cannot load the processor" in status and "no-such-model" in status
     assert "Traceback" not in status and "cannot load the processor" in log

@@ -2,12 +2,14 @@
 
 Open the page, load the demo data and see the mask preview, start a short
 training and wait for it to finish, then see the base and tuned answers side
-by side. Screenshots of each step go to the test's tmp folder, and to
-$L2T_ARTIFACTS when it is set.
+by side: on a held-out image the base model answers in a sentence, the tuned
+one in the demo data's one word, and names the right color. Screenshots of
+each step go to the test's tmp folder, and to $L2T_ARTIFACTS when it is set.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,9 +19,14 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from l2t.synthetic import BUNDLE_ARGS
+from l2t.config import load_config
+from l2t.prepare import prepare_data
+from l2t.scenes import COLORS, USUAL_COLOR
+from l2t.synthetic import BUNDLE_ARGS, bundled_dir
 
 BUNDLED = BUNDLE_ARGS["n"]  # samples in the bundled demo train split
+TRAIN_STEPS = 300  # enough for the tuned tiny model to answer the demo's short questions in one word (about 10 s on a CPU)
+HELD_OUT_ID = "test_00006"  # one small blue triangle; triangles in the training split are mostly green
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -68,6 +75,15 @@ def page(url):
         browser.close()
 
 
+def held_out_color_question() -> tuple[Path, str, str]:
+    """A held-out image with one shape, the demo's short-answer question about its color, and that color."""
+    record = next(r for r in json.loads((bundled_dir() / "test.json").read_text()) if r["id"] == HELD_OUT_ID)
+    (shape,) = record["objects"]
+    assert shape["color"] != USUAL_COLOR[shape["shape"]], "the shape alone must not give the color away"
+    question = f"What color is the {shape['shape']}?\nAnswer the question using a single word or phrase."
+    return bundled_dir() / record["image"], question, shape["color"]
+
+
 def screenshot(page, tmp_path: Path, name: str) -> None:
     path = tmp_path / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
@@ -89,25 +105,25 @@ def test_demo_data_training_and_comparison_in_the_browser(page, tmp_path):
     # Clicking a sample shows its conversation and mask; unticking a template puts it back in the loss.
     page.get_by_label("Thumbnail 2 of 48").click()
     expect(page.locator("#mask-preview")).to_contain_text("sample train_00001")
-    mined = int(re.search(r"(\d+) task templates", page.locator("#mask-preview").inner_text()).group(1))
     page.locator("#templates-table [role=row]", has_text="Answer yes or no.").get_by_test_id("checkbox").click()
+    mined = len(prepare_data(load_config("tiny")).templates)
     expect(page.locator("#mask-preview")).to_contain_text(f"{mined - 1} task templates")
     page.get_by_label("Thumbnail 1 of 48").click()
     expect(page.locator("#mask-preview")).to_contain_text("sample train_00000")
     expect(page.locator("#mask-preview .tok-task_template")).to_have_count(0)
 
     page.get_by_role("tab", name="2 · Train").click()
-    page.get_by_label("Max steps (0: use epochs)").fill("30")
+    page.get_by_label("Max steps (0: use epochs)").fill(str(TRAIN_STEPS))
     page.get_by_label("Max steps (0: use epochs)").press("Tab")
     page.get_by_text("More config keys").click()
     page.get_by_label("key=value, one per line").fill("train.preview_samples=0")
     page.get_by_label("Run name").fill("browser-run")
     page.get_by_label("Run name").press("Tab")
-    expect(page.locator("#train-command")).to_contain_text("train.max_steps=30")
+    expect(page.locator("#train-command")).to_contain_text(f"train.max_steps={TRAIN_STEPS}")
     expect(page.locator("#train-command")).to_contain_text("templates.remove")
     page.locator("#start-training").click()
     expect(page.locator("#train-status [data-state='finished']")).to_be_visible(timeout=TRAIN_TIMEOUT_MS)
-    expect(page.locator("#train-status")).to_contain_text("step 30 / 30")
+    expect(page.locator("#train-status")).to_contain_text(f"step {TRAIN_STEPS} / {TRAIN_STEPS}")
     screenshot(page, tmp_path, "2-train")
 
     page.get_by_role("tab", name="3 · Compare").click()
@@ -115,8 +131,17 @@ def test_demo_data_training_and_comparison_in_the_browser(page, tmp_path):
     expect(page.locator("#compare-run input")).to_have_value("browser-run")
     page.get_by_role("button", name="Try a held-out sample").click()
     expect(page.get_by_text("reference answer")).to_be_visible()
+    picture = page.locator("#compare-picture img")
+    shown = picture.get_attribute("src")
+    image, question, color = held_out_color_question()
+    page.locator("#compare-upload input[type=file]").set_input_files(str(image))
+    expect(picture).not_to_have_attribute("src", shown)
+    page.locator("#compare-prompt textarea").fill(question)
     page.locator("#compare-button").click()
     base, tuned = page.locator("#base-answer textarea"), page.locator("#tuned-answer textarea")
     expect(tuned).not_to_have_value("", timeout=120_000)
-    assert base.input_value().strip() and tuned.input_value().strip()
     screenshot(page, tmp_path, "3-compare")
+    base_answer, tuned_answer = base.input_value().strip(), tuned.input_value().strip()
+    assert base_answer and base_answer != tuned_answer, f"base and tuned both answer {base_answer!r}"
+    named = [c for c in COLORS if re.search(rf"\b{c}\b", tuned_answer.lower())]
+    assert named == [color], f"asked {question!r}, the tuned model answered {tuned_answer!r}; the answer is {color}"

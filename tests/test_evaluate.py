@@ -10,6 +10,7 @@ import torch
 from l2t import answers, evaluate, generation, runs
 from l2t.data import load_samples
 from l2t.images import ImageSource
+from l2t.metrics import normalize_answer
 from l2t.synthetic import bundled_dir
 
 # With the projector zeroed, real and noise images give the same (zero) image
@@ -100,7 +101,7 @@ def test_only_the_noise_kind_is_zero_when_the_vision_input_is_disconnected(train
         assert max(abs(v) for values in per_token for v in values) > 100 * ZERO_TOLERANCE
 
 
-def test_report_files_have_every_number_and_one_gallery_row_per_sample(run_dir, capsys):
+def test_report_files_have_every_number_and_one_gallery_row_per_sample(run_dir, loaded):
     assert evaluate.main([str(run_dir), "--n", "12", "--max-new-tokens", "24"]) == 0
     eval_dir = run_dir / runs.EVAL
     report = json.loads((eval_dir / "report.json").read_text())
@@ -121,15 +122,50 @@ def test_report_files_have_every_number_and_one_gallery_row_per_sample(run_dir, 
     assert "| metric | samples | base | tiny-l2t |" in table and "CIDEr-D" in table
     assert not list(eval_dir.glob("*.tmp"))
 
+    # The answers, computed again here: the base model's column is the base model's.
+    model, encoder = loaded
+    samples, source, _ = evaluate.load_test_samples(runs.open_trained_run(run_dir), None, None)
+    items, _ = evaluate.load_test_items(samples, source, 12)
+    base, tuned_answers = generation.generate_pairs(model, encoder, [(item.messages, item.images) for item in items], 24)
+    assert [s["answers"]["base"] for s in report["samples"]] == base
+    assert [s["answers"]["tiny-l2t"] for s in report["samples"]] == tuned_answers
+    assert base != tuned_answers
+    # The numbers, counted again here from each model's answers and the references.
+    short = [s for s in report["samples"] if s["kind"] == "short_answer"]
+    questions = [s for s in report["samples"] if s["kind"] in ("short_answer", "yes_no")]
+    assert short and len(questions) > len(short), "the first 12 held-out samples hold short-answer and yes/no questions"
+    for entry in report["models"]:
+        name, numbers = entry["name"], entry["metrics"]
+        right = [normalize_answer(s["answers"][name]) == normalize_answer(s["reference"]) for s in questions]
+        right_short = [r for r, s in zip(right, questions, strict=True) if s["kind"] == "short_answer"]
+        assert numbers["short_answer"] == {"samples": len(short), "accuracy": sum(right_short) / len(short)}
+        assert numbers["questions"]["samples"] == len(questions)
+        assert numbers["questions"]["exact_match"] == pytest.approx(sum(right) / len(questions))
+        assert numbers["caption"]["samples"] == report["kinds"]["caption"]
+    assert report["models"][0]["metrics"]["short_answer"] != report["models"][1]["metrics"]["short_answer"]
 
-def test_compare_puts_every_run_in_one_table(run_dir, tmp_path):
-    other = copy_run(run_dir, tmp_path / "tiny-l2t-again")
-    assert evaluate.main([str(run_dir), "--compare", str(other), "--n", "6", "--max-new-tokens", "16"]) == 0
+
+def test_compare_puts_every_run_in_one_table(run_dir, response_run, tmp_path):
+    """Two different runs in one table: each run's answers and numbers are the ones it gets when evaluated alone."""
+    other = copy_run(response_run, tmp_path / "tiny-response")
+    settings = ["--n", "6", "--max-new-tokens", "16"]
+    alone = {}
+    for folder in (run_dir, other):
+        assert evaluate.main([str(folder), *settings]) == 0
+        alone[folder.name] = json.loads((folder / runs.EVAL / "report.json").read_text())
+    assert evaluate.main([str(run_dir), "--compare", str(other), *settings]) == 0
     report = json.loads((run_dir / runs.EVAL / "report.json").read_text())
-    assert [m["name"] for m in report["models"]] == ["base", "tiny-l2t", "tiny-l2t-again"]
-    for sample in report["samples"]:
-        assert sample["answers"]["tiny-l2t"] == sample["answers"]["tiny-l2t-again"]
-    assert "| metric | samples | base | tiny-l2t | tiny-l2t-again |" in (run_dir / runs.EVAL / "report.md").read_text()
+    models = {m["name"]: m for m in report["models"]}
+    assert list(models) == ["base", "tiny-l2t", "tiny-response"]
+    assert models["base"]["metrics"] == alone["tiny-l2t"]["models"][0]["metrics"]
+    for name, folder, mode in (("tiny-l2t", run_dir, "l2t"), ("tiny-response", other, "response")):
+        own = alone[name]
+        assert (models[name]["run_dir"], models[name]["loss_mode"]) == (str(folder.resolve()), mode)
+        assert models[name]["metrics"] == own["models"][1]["metrics"], name
+        for sample, own_sample in zip(report["samples"], own["samples"], strict=True):
+            assert (sample["answers"][name], sample["scores"][name]) == (own_sample["answers"][name], own_sample["scores"][name])
+    assert any(s["answers"]["tiny-l2t"] != s["answers"]["tiny-response"] for s in report["samples"]), "the runs must answer differently"
+    assert "| metric | samples | base | tiny-l2t | tiny-response |" in (run_dir / runs.EVAL / "report.md").read_text()
     assert (run_dir / runs.EVAL / "report.html").read_text().count('<tr class="sample"') == 6
 
 

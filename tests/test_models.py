@@ -14,6 +14,13 @@ def qlora_model(tiny_config):
     return model
 
 
+@pytest.fixture(scope="module")
+def bf16_qlora_model():
+    """QLoRA with a compute dtype other than the CPU's float32 default, so a dtype that is not passed on shows."""
+    model, _ = load_for_training(load_config("tiny", overrides=["model.dtype=bf16"]), device="cpu")
+    return model
+
+
 def _modules(model, cls):
     return {name for name, m in model.named_modules() if isinstance(m, cls)}
 
@@ -28,6 +35,16 @@ def test_language_model_is_4bit_vision_and_projector_are_not(qlora_model):
     assert len(base_layers) == 14
 
 
+def test_4bit_is_nf4_with_double_quantisation_in_the_compute_dtype(bf16_qlora_model):
+    """QLoRA as its paper defines it, read off the layers of the model the project loads: NF4 weights,
+    quantisation constants quantised again (double quantisation), matmuls in the model's compute dtype."""
+    layers = [m for m in bf16_qlora_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14
+    for layer in layers:
+        state = layer.weight.quant_state
+        assert (state.quant_type, state.nested, layer.compute_dtype) == ("nf4", True, torch.bfloat16)
+
+
 def test_only_lora_and_projector_train(qlora_model):
     trainable = {n for n, p in qlora_model.named_parameters() if p.requires_grad}
     assert trainable
@@ -38,12 +55,10 @@ def test_only_lora_and_projector_train(qlora_model):
     assert all(p.dtype == torch.float32 for n, p in qlora_model.named_parameters() if p.requires_grad)
 
 
-def test_frozen_weights_keep_the_compute_dtype(tiny_config):
-    config = load_config("tiny", overrides=["model.dtype=bf16"])
-    model, _ = load_for_training(config, device="cpu")
-    vision = [p.dtype for n, p in model.named_parameters() if "vision_tower" in n]
+def test_frozen_weights_keep_the_compute_dtype(bf16_qlora_model):
+    vision = [p.dtype for n, p in bf16_qlora_model.named_parameters() if "vision_tower" in n]
     assert set(vision) == {torch.bfloat16}, "frozen vision weights were upcast"
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in bf16_qlora_model.parameters() if p.requires_grad)
 
 
 def test_qlora_step_updates_lora_and_projector_only(qlora_model, tiny_processor):

@@ -15,11 +15,11 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 from peft.tuners.tuners_utils import check_target_module_exists
-from transformers import BitsAndBytesConfig
 from transformers.quantizers.auto import AutoHfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from l2t.config import list_presets, load_config
+from l2t.models import quantization_config
 from l2t.presets import ARCHITECTURES_DIR, build_on_meta
 
 # Language-model layers x 7 Linears (q, k, v, o, gate, up, down): the LoRA targets,
@@ -136,20 +136,18 @@ def test_lora_regex_hits_exactly_the_language_linears(name):
 
 @pytest.mark.parametrize("name", MODEL_PRESETS)
 def test_qlora_on_meta_quantises_and_adapts_only_language_linears(name):
-    """The bitsandbytes quantizer's real replacement (as from_pretrained runs it), then peft."""
+    """The project's quantisation config through the bitsandbytes quantizer's real replacement
+    (as from_pretrained runs it), then peft: NF4 with double quantisation, in the compute dtype."""
     m = load_config(name).model
     model = build_on_meta(name)  # fresh: both steps below change the model in place
-    bnb_config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=m.skip_modules,
-    )
+    bnb_config = quantization_config(m, torch.bfloat16)
     AutoHfQuantizer.from_config(bnb_config, pre_quantized=False).preprocess_model(model, device_map={"": "cpu"})
-    quantised = {n for n, mod in model.named_modules() if isinstance(mod, Linear4bit)}
+    quantised = {n: mod for n, mod in model.named_modules() if isinstance(mod, Linear4bit)}
     assert len(quantised) == LANGUAGE_LINEARS[name]
-    assert quantised == language_linears(model)
+    assert set(quantised) == language_linears(model)
     assert not isinstance(model.get_submodule("lm_head"), Linear4bit)
+    for layer in quantised.values():
+        assert (layer.weight.quant_type, layer.weight.compress_statistics, layer.compute_dtype) == ("nf4", True, torch.bfloat16)
 
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=m.lora_target))
     adapted = {
@@ -157,4 +155,4 @@ def test_qlora_on_meta_quantises_and_adapts_only_language_linears(name):
         for n, mod in model.named_modules()
         if isinstance(mod, peft.tuners.lora.LoraLayer)
     }
-    assert adapted == quantised
+    assert adapted == set(quantised)

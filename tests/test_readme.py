@@ -5,12 +5,15 @@ runs themselves are covered by test_train.py and by CI's `make demo`);
 evaluate and merge run against a real tiny run.
 """
 
+import json
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -84,13 +87,30 @@ def test_data_commands_run_as_written(command, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith(("python -m l2t.evaluate", "python -m l2t.merge"))])
-def test_evaluate_and_merge_commands_run(command, trained_run, tmp_path):
+def test_evaluate_and_merge_commands_run(command, trained_run, response_run, tmp_path):
+    """Each run folder the command names is a different trained run (copied here, so what the command writes stays here);
+    each run's answers in the report are the ones its own end-of-training evaluation gave."""
     import importlib
 
+    trained = {"runs/tiny-l2t": trained_run, "runs/tiny-response": response_run}
     argv = shlex.split(command)
-    module = importlib.import_module(argv[2])
-    args = [str(trained_run) if a.startswith("runs/") else str(tmp_path / a) if a.startswith("merged/") else a for a in argv[3:]]
-    assert module.main(args) == 0
+    named = [a for a in argv if a.startswith("runs/")]
+    for name in named:
+        shutil.copytree(trained[name], tmp_path / name, ignore=shutil.ignore_patterns("checkpoints"))
+    args = [str(tmp_path / a) if a.startswith(("runs/", "merged/")) else a for a in argv[3:]]
+    assert importlib.import_module(argv[2]).main(args) == 0
+    if argv[2] == "l2t.merge":
+        assert (tmp_path / "merged" / "tiny-l2t" / "config.json").exists()
+        return
+    report = json.loads((tmp_path / named[0] / "eval" / "report.json").read_text())
+    labels = [Path(name).name for name in named]
+    assert [m["name"] for m in report["models"]] == ["base", *labels]
+    assert [m["loss_mode"] for m in report["models"]] == [None, *(yaml.safe_load((trained[n] / "config.yaml").read_text())["loss"]["mode"] for n in named)]
+    for label, name in zip(labels, named, strict=True):
+        own = json.loads((trained[name] / "eval" / "report.json").read_text())
+        assert [s["answers"][label] for s in report["samples"]] == [s["answers"][label] for s in own["samples"]], label
+    if len(labels) > 1:
+        assert any(len({s["answers"][label] for label in labels}) > 1 for s in report["samples"]), "the runs must answer differently"
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m l2t.tiny")])

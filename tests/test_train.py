@@ -125,32 +125,113 @@ def test_labelled_logits_only_keeps_the_numerics(tiny_config, tiny_processor, sh
     assert torch.allclose(kept_grads, full_grads, rtol=1e-3, atol=1e-6)
 
 
+PAUSE_AT_STEP = """
+import sys, time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+import l2t.train as recipe
+
+step, paused, release = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+
+
+class PauseAtStep(TrainerCallback):
+    # At the end of optimiser step `step` (not logged or saved yet): say so with a file, then wait for another.
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            paused.touch()
+            deadline = time.time() + 300
+            while not release.exists():  # the test kills the process here
+                if time.time() > deadline:
+                    sys.exit("paused for 300 s and neither killed nor released")
+                time.sleep(0.05)
+
+
+build_trainer = recipe.build_trainer
+
+
+def build_trainer_that_pauses(*args, **kwargs):
+    trainer = build_trainer(*args, **kwargs)
+    trainer.add_callback(PauseAtStep())
+    return trainer
+
+
+recipe.build_trainer = build_trainer_that_pauses
+sys.exit(recipe.main(sys.argv[4:]))
+"""
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_same_tensors(expected, actual, where: str = "") -> None:
+    """Nested dicts and lists of tensors and numbers (an optimiser's or scheduler's state_dict) are equal."""
+    if isinstance(expected, dict):
+        assert expected.keys() == actual.keys(), where
+        for key in expected:
+            assert_same_tensors(expected[key], actual[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(actual), where
+        for index, (a, b) in enumerate(zip(expected, actual)):
+            assert_same_tensors(a, b, f"{where}[{index}]")
+    elif isinstance(expected, torch.Tensor):
+        assert torch.allclose(actual.double(), expected.double(), rtol=1e-4, atol=1e-9), where
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-6), where
+    else:
+        assert actual == expected, where
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_loses_nothing(tmp_path):
+    """Killed at step 20 (checkpoints at 8 and 16, rows logged up to 19), --resume goes on from checkpoint-16
+    with its optimiser and scheduler state and ends exactly where a run that was never killed ends."""
     common = ["--preset", "tiny", "train.max_steps=24", "train.save_steps=8", "train.logging_steps=1", "train.preview_samples=0", "train.seed=7"]
-    reference = run_cli(*common, "--output", str(tmp_path / "straight"))
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    reference = run_cli(*common, "--output", str(straight_dir))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    killed_dir = tmp_path / "killed"
+    paused, release = tmp_path / "paused-at-step-20", tmp_path / "never-released"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "l2t.train", *common, "--output", str(killed_dir)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 180
-    while time.time() < deadline and not (killed_dir / "checkpoints" / "checkpoint-16" / "trainer_state.json").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (killed_dir / "checkpoints" / "checkpoint-8").exists()
-    assert not (killed_dir / "adapter").exists(), "the run finished before it was killed; the test proves nothing"
+    pause = [sys.executable, "-W", "ignore", "-c", PAUSE_AT_STEP, "20", str(paused), str(release)]
+    proc = subprocess.Popen([*pause, *common, "--output", str(killed_dir)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while not paused.exists():
+            assert proc.poll() is None, f"training ended (exit {proc.returncode}) before step 20"
+            assert time.time() < deadline, "training did not reach step 20"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    checkpoints = killed_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-16", "checkpoint-8"]
+    logged_before_kill = runs.read_metrics(killed_dir)
+    assert [r["step"] for r in logged_before_kill] == list(range(1, 20))
+    resumed_from = file_bytes(checkpoints / "checkpoint-16")
 
     resumed = run_cli(*common, "--output", str(killed_dir), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = runs.read_metrics(tmp_path / "straight")
+    assert "resumed at step 16 of 24" in resumed.stdout  # the step the Trainer read back from checkpoint-16
+    assert file_bytes(checkpoints / "checkpoint-16") == resumed_from, "resuming changed the checkpoint it resumed from"
     after = runs.read_metrics(killed_dir)
     assert [r["step"] for r in after] == list(range(1, 25)), "missing or duplicated steps in metrics.jsonl"
-    for a, b in zip(straight, after):
-        assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
-    assert (killed_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert after[:16] == logged_before_kill[:16], "rows up to the checkpoint must be the ones logged before the kill"
+    numbers = ("loss", "response_loss", "instruction_loss", "learning_rate", "grad_norm")
+    for a, b in zip(runs.read_metrics(straight_dir), after, strict=True):
+        expected, actual = ({key: row[key] for key in numbers if key in row} for row in (a, b))
+        assert actual == pytest.approx(expected, rel=1e-4, abs=1e-7), a["step"]
+    # The optimiser's moments and the schedule end where the straight run's do: they came with the checkpoint.
+    for name in ("optimizer.pt", "scheduler.pt"):
+        expected, actual = (torch.load(d / "checkpoints" / "checkpoint-24" / name, weights_only=True) for d in (straight_dir, killed_dir))
+        assert_same_tensors(expected, actual, name)
+    from safetensors.torch import load_file
+
+    expected, actual = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (straight_dir, killed_dir))
+    assert_same_tensors(expected, actual, "adapter")
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
@@ -199,21 +280,42 @@ def test_samples_over_the_token_budget_are_dropped_and_counted(tmp_path, capsys)
         train(strict)
 
 
+def logged_windows(run_dir: Path, step: int) -> list[dict]:
+    """The Trainer's own log of each logging window (with the samples and tokens it counted), from checkpoint-`step`."""
+    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return [row for row in state["log_history"] if "loss" in row]
+
+
 @pytest.mark.slow
 def test_two_processes_with_torchrun(tmp_path):
+    """Two processes of batch 8 take the steps one process of batch 16 takes: the same samples,
+    the same losses (a token mean over both processes) and the same adapter."""
+    from safetensors.torch import load_file
+
+    common = ["--preset", "tiny", "train.max_steps=4", "train.logging_steps=1", "train.preview_samples=0", "train.batch_size=8"]
     torchrun = Path(sys.executable).with_name("torchrun")
-    out = tmp_path / "ddp"
+    two, one = tmp_path / "two-processes", tmp_path / "one-process"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "l2t.train", "--preset", "tiny", "--output", str(out),
-                             "train.max_steps=6", "train.logging_steps=2", "train.preview_samples=0"],
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "l2t.train", *common, "--output", str(two)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = runs.read_metrics(out)
-    assert [r["step"] for r in rows] == [2, 4, 6], "metrics must be written once, by the main process"
-    # Both ranks fed the step: 2 processes x batch 8 x 2 steps per logging window.
-    assert rows[0]["samples_per_s"] > 0 and all(json.dumps(r) for r in rows)
-    assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert result.stdout.count(f"training {BUNDLED} samples") == 1
+    reference = run_cli(*common, "train.batch_size=16", "--output", str(one))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    rows = runs.read_metrics(two)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4], "metrics must be written once, by the main process"
+    numbers = ("loss", "response_loss", "instruction_loss", "learning_rate", "grad_norm")
+    for expected, actual in zip(runs.read_metrics(one), rows, strict=True):
+        assert {k: actual[k] for k in numbers} == pytest.approx({k: expected[k] for k in numbers}, rel=1e-4), actual["step"]
+    # Each step's window counts both processes' samples (2 x 8) and tokens.
+    windows, reference_windows = logged_windows(two, 4), logged_windows(one, 4)
+    assert [w["samples"] for w in windows] == [16, 16, 16, 16]
+    assert [w["tokens"] for w in windows] == [w["tokens"] for w in reference_windows]
+    adapter, reference_adapter = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (two, one))
+    assert adapter.keys() == reference_adapter.keys()
+    for name, weight in adapter.items():
+        assert torch.allclose(weight, reference_adapter[name], atol=1e-4), name
 
 
 def test_out_of_memory_names_the_knobs_and_keeps_the_run(tmp_path, monkeypatch, capsys):
