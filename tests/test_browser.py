@@ -112,6 +112,17 @@ def test_demo_data_training_and_comparison_in_the_browser(page, tmp_path):
     expect(page.locator("#mask-preview")).to_contain_text("sample train_00000")
     expect(page.locator("#mask-preview .tok-task_template")).to_have_count(0)
 
+    # Under l2t_relevance the instruction tokens are shaded by how much the image makes them more likely.
+    page.get_by_label("Loss mode").click()
+    page.get_by_role("option", name="l2t_relevance").click()
+    expect(page.locator("#mask-preview .tok-heat").first).to_be_visible()
+    weights = [float(w) for w in page.locator("#mask-preview .tok-heat").evaluate_all("els => els.map(e => e.dataset.weight)")]
+    assert weights and all(0 <= w <= 1 for w in weights) and max(weights) > 0, weights
+    screenshot(page, tmp_path, "1-data-relevance")
+    page.get_by_label("Loss mode").click()
+    page.get_by_role("option", name="l2t", exact=True).click()
+    expect(page.locator("#mask-preview .tok-heat")).to_have_count(0)
+
     page.get_by_role("tab", name="2 · Train").click()
     page.get_by_label("Max steps (0: use epochs)").fill(str(TRAIN_STEPS))
     page.get_by_label("Max steps (0: use epochs)").press("Tab")
@@ -145,3 +156,9 @@ def test_demo_data_training_and_comparison_in_the_browser(page, tmp_path):
     assert base_answer and base_answer != tuned_answer, f"base and tuned both answer {base_answer!r}"
     named = [c for c in COLORS if re.search(rf"\b{c}\b", tuned_answer.lower())]
     assert named == [color], f"asked {question!r}, the tuned model answered {tuned_answer!r}; the answer is {color}"
+
+    # Where each model looks: the attention on the image per answer token, and the first token's map over the image.
+    page.locator("#looks-button").click()
+    expect(page.locator("#looks-chart img")).to_be_visible(timeout=120_000)
+    expect(page.locator("#looks-map img")).to_be_visible()
+    screenshot(page, tmp_path, "3-compare-looks")
