@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +15,7 @@ from app.common import AppContext, guarded, notice
 from app.datasets import DataSelection
 from app.mask_view import legend_html
 from l2t.config import LOSS_MODES, load_config
+from l2t.errors import L2TError
 from l2t.models import ModelError
 
 log = logging.getLogger("app.data")
@@ -39,7 +42,7 @@ def _shown(selection: DataSelection, preset: str, mode: str):
     sample = inspection.samples[0]
     return (
         selection,
-        datasets.report_html(inspection, selection.label),
+        datasets.report_html(inspection, selection),
         datasets.gallery_items(inspection),
         gr.update(value=0, maximum=max(last, 1), interactive=last > 0),
         datasets.template_rows(inspection, selection),
@@ -47,6 +50,21 @@ def _shown(selection: DataSelection, preset: str, mode: str):
         datasets.conversation_html(sample),
         _mask(selection, preset, 0, mode),
     )
+
+
+def _not_loaded(previous: DataSelection | None, message: str):
+    """A failed load: the reason stays in the report area, and the data in use is named; nothing else changes."""
+    still = f"Still using: {previous.label}." if previous is not None else "No data is loaded."
+    return (previous, notice(f"{message}\n{still}", "error", "This data can't be used."), *[gr.update()] * 6)
+
+
+def reported(load, previous: DataSelection | None, *args):
+    """Run a load; a user error becomes the report's message (one log line), a bug a message and its traceback in the log."""
+    try:
+        return load(*args)
+    except gr.Error as exc:
+        log.info("data not loaded: %s", exc.message)
+        return _not_loaded(previous, html.unescape(exc.message))
 
 
 @guarded
@@ -61,7 +79,15 @@ def load_upload(context: AppContext, data_file, images_zip, preset: str, mode: s
     data_path, images_path = uploads.store_upload(context.uploads_dir, session_hash, data_file, images_zip)
     log.info("upload stored in %s", data_path.parent)
     label = Path(data_file).name + (f" + {Path(images_zip).name}" if images_zip else "")
-    return _shown(DataSelection(label, str(data_path), str(images_path or "")), preset, mode)
+    selection = DataSelection(label, str(data_path), str(images_path or ""), uploaded=True)
+    try:
+        return _shown(selection, preset, mode)
+    except L2TError as exc:  # name the files as the user did, not by where the upload is kept
+        message = str(exc).replace(f"{data_path.parent}{os.sep}", "")
+        hint = datasets.missing_images_hint(selection, getattr(exc, "report", None))
+        message += f"\n{hint}" if hint else ""
+        log.info("load upload: %s", message)
+        raise gr.Error(html.escape(message), print_exception=False) from None
 
 
 @guarded
@@ -69,13 +95,15 @@ def load_server_paths(context: AppContext, data_path: str, images_path: str, pre
     if not context.allow_server_paths:
         raise gr.Error("Reading files on the server is off for this public link (start the app with --auth to allow it).")
     data_path, images_path = (data_path or "").strip(), (images_path or "").strip()
-    data = Path(data_path).expanduser()
-    if not data_path or not data.is_file():
+    if not data_path:
+        raise gr.Error("Type the path of a data file on the server.")
+    data = uploads.allowed_server_path(data_path, context.data_roots)
+    if not data.is_file():
         raise gr.Error(f"No data file at '{data_path}'.")
-    images = Path(images_path).expanduser() if images_path else None
+    images = uploads.allowed_server_path(images_path, context.data_roots) if images_path else None
     if images is not None and not images.exists():
         raise gr.Error(f"No image folder or .zip at '{images_path}'.")
-    selection = DataSelection(str(data), str(data.resolve()), str(images.resolve()) if images else "")
+    selection = DataSelection(data_path, str(data), str(images) if images else "")
     return _shown(selection, preset, mode)
 
 
@@ -207,14 +235,16 @@ def build_data_tab(context: AppContext, preset: gr.Dropdown, selection: gr.State
     shown = [selection, report, gallery, view.index, tpl.table, view.picture, view.conversation, view.mask]
     src.demo.click(use_demo_data, [preset, view.mode], shown, api_name="use_demo_data")
 
-    def upload_clicked(data_file, images_zip, preset_name, mode, request: gr.Request):
-        return load_upload(context, data_file, images_zip, preset_name, mode, request.session_hash)
+    def upload_clicked(data_file, images_zip, preset_name, mode, previous, request: gr.Request):
+        return reported(load_upload, previous, context, data_file, images_zip, preset_name, mode, request.session_hash)
 
-    def server_clicked(data_path, images_path, preset_name, mode):
-        return load_server_paths(context, data_path, images_path, preset_name, mode)
+    def server_clicked(data_path, images_path, preset_name, mode, previous):
+        return reported(load_server_paths, previous, context, data_path, images_path, preset_name, mode)
 
-    src.upload.click(upload_clicked, [src.data_file, src.images_zip, preset, view.mode], shown, api_name="load_upload")
-    src.server.click(server_clicked, [src.server_data, src.server_images, preset, view.mode], shown, api_name="load_server_paths")
+    upload_inputs = [src.data_file, src.images_zip, preset, view.mode, selection]
+    src.upload.click(upload_clicked, upload_inputs, shown, api_name="load_upload")
+    server_inputs = [src.server_data, src.server_images, preset, view.mode, selection]
+    src.server.click(server_clicked, server_inputs, shown, api_name="load_server_paths")
     sample_view = [view.picture, view.conversation, view.mask]
     inputs = [selection, preset, view.index, view.mode]
     view.index.release(show_sample, inputs, sample_view, api_name="mask_preview")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from app.common import notice
 from app.mask_view import mask_html
 from l2t import chat, relevance
 from l2t.config import ConfigError, load_config
@@ -44,6 +45,7 @@ class DataSelection:
     images: str = ""
     """Image folder or .zip (absolute); empty: the data file's folder."""
     demo: bool = False
+    uploaded: bool = False
     remove: tuple[str, ...] = field(default_factory=tuple)
     """Mined task templates the user unticked (templates.remove)."""
     add: tuple[str, ...] = field(default_factory=tuple)
@@ -147,17 +149,27 @@ def base_model_for(preset: str):
 # ---------------------------------------------------------------- what the tab shows
 
 
-def report_html(inspection: Inspection, label: str) -> str:
+def report_html(inspection: Inspection, selection: DataSelection) -> str:
     report = inspection.report
     skipped = report.total - report.ok
     kind = "ok" if not skipped else "warn"
     split = f" ({len(inspection.samples)} to train on, {inspection.held_out} held out)" if inspection.held_out else ""
     head = (
-        f'<div class="l2t-notice l2t-{kind}"><b>{html.escape(label)}</b>: '
+        f'<div class="l2t-notice l2t-{kind}"><b>{html.escape(selection.label)}</b>: '
         f"{report.ok} of {report.total} samples usable{split}"
         + (f", {skipped} skipped" if skipped else "")
         + f" · {len(inspection.mined)} task templates mined</div>"
     )
+    notes = []
+    images = inspection.images
+    if images is not None and images.read_from_top_folder:
+        notes.append(
+            f"The images are inside the folder '{images.top_folder}/' of {Path(selection.images).name}, one level deeper than "
+            f"the paths in the data: they are read from there ({images.read_from_top_folder} found)."
+        )
+    if missing_images_hint(selection, report):
+        notes.append(missing_images_hint(selection, report))
+    head += "".join(notice(note, "info") for note in notes)
     if not report.problems:
         return head
     rows = []
@@ -172,6 +184,13 @@ def report_html(inspection: Inspection, label: str) -> str:
         f'<table class="l2t-report"><tr><th>reason</th><th>samples</th><th>what it means, with examples</th></tr>{"".join(rows)}</table>'
     )
     return head + table
+
+
+def missing_images_hint(selection: DataSelection, report: DataReport | None) -> str:
+    """What to do when an upload's images are missing because no .zip came with it."""
+    if selection.uploaded and not selection.images and report is not None and "image_missing" in report.counts():
+        return "The data names images, but none were uploaded: upload the images as a .zip beside the data file."
+    return ""
 
 
 def _text_only_tile() -> Image.Image:

@@ -121,13 +121,17 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="cyan", neutral_hue="
 
 
 def create(
-    runs_dir: str | Path = "runs", uploads_dir: str | Path = "uploads", allow_server_paths: bool = True
+    runs_dir: str | Path = "runs",
+    uploads_dir: str | Path = "uploads",
+    allow_server_paths: bool = True,
+    data_roots: list[str | Path] = (),
 ) -> tuple[gr.Blocks, AppContext]:
-    """The app and its server-side context (folders and jobs)."""
+    """The app and its server-side context (folders and jobs); server paths are read in the working folder and `data_roots`."""
     runs_path, uploads_path = Path(runs_dir).resolve(), Path(uploads_dir).resolve()
     runs_path.mkdir(parents=True, exist_ok=True)
     uploads_path.mkdir(parents=True, exist_ok=True)
-    context = AppContext(runs_path, uploads_path, JobManager(), allow_server_paths)
+    roots = (Path.cwd().resolve(), *(Path(root).expanduser().resolve() for root in data_roots))
+    context = AppContext(runs_path, uploads_path, JobManager(), allow_server_paths, roots)
     context.jobs.adopt_training(runs_path)
     with gr.Blocks(title="L2T Studio", delete_cache=(3600, 24 * 3600)) as demo:
         gr.HTML(HEADER_TEMPLATE.replace("{device}", html.escape(device_label())))
