@@ -10,11 +10,12 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from app import datasets, uploads
+from app import datasets, lengths_view, uploads
 from app.common import AppContext, guarded, notice
 from app.datasets import DataSelection
+from app.lengths_view import FITS, OVER, LengthCheck
 from app.mask_view import legend_html
-from l2t.config import LOSS_MODES, load_config
+from l2t.config import LOSS_MODE_DESCRIPTIONS, LOSS_MODES, load_config
 from l2t.errors import L2TError
 from l2t.models import ModelError
 
@@ -108,6 +109,23 @@ def load_server_paths(context: AppContext, data_path: str, images_path: str, pre
 
 
 @guarded
+def show_lengths(selection: DataSelection | None, preset: str):
+    """The histogram of token counts, the samples over max_length and the fix: (plot, summary, fix button, the length it sets)."""
+    hidden = gr.update(visible=False)
+    if selection is None:
+        return None, "", hidden, 0
+    try:
+        counts, config = datasets.token_counts(selection, preset)
+        check = LengthCheck(counts, config.train.max_length)
+    except ModelError as exc:
+        log.info("token lengths with preset %s: %s", preset, exc)
+        return None, notice(f"Token lengths need the tokenizer of preset '{preset}', which can't be loaded here: {exc}", "warn"), hidden, 0
+    plot = gr.update(value=lengths_view.histogram(check), x_bin=lengths_view.bin_width(check))
+    fix = gr.update(visible=bool(check.over), value=f"Set Max length to {check.longest} in the Train tab")
+    return plot, lengths_view.summary_html(check, config), fix, check.longest
+
+
+@guarded
 def show_sample(selection: DataSelection | None, preset: str, index: float, mode: str):
     if selection is None:
         return None, "", ""
@@ -168,6 +186,19 @@ def _sources(context: AppContext) -> SimpleNamespace:
     )  # fmt: skip
 
 
+def _lengths_section() -> SimpleNamespace:
+    with gr.Accordion("Token lengths: what fits in max_length", open=True):
+        with gr.Row(equal_height=False):
+            plot = gr.BarPlot(
+                x="tokens", y="samples", color="fits", y_aggregate="sum", title="Samples by token count (image tokens included)",
+                x_title="tokens", y_title="samples", color_map={FITS: "#059669", OVER: "#dc2626"}, height=220, elem_id="length-plot",
+            )  # fmt: skip
+            with gr.Column():
+                summary = gr.HTML(elem_id="length-summary")
+                fix = gr.Button("Set Max length", visible=False, elem_id="length-fix")
+    return SimpleNamespace(plot=plot, summary=summary, fix=fix, needed=gr.State(0))
+
+
 def _preview_section(default_mode: str) -> SimpleNamespace:
     gr.Markdown("### What the model learns from: the loss mask")
     gr.HTML(legend_html())
@@ -178,7 +209,7 @@ def _preview_section(default_mode: str) -> SimpleNamespace:
                 list(LOSS_MODES),
                 value=default_mode,
                 label="Loss mode",
-                info="l2t = instruction + response, minus system and task templates",
+                info=LOSS_MODE_DESCRIPTIONS[default_mode],
             )
             picture = gr.Image(label="Image", interactive=False, height=200, buttons=[])
             conversation = gr.HTML()
@@ -212,8 +243,9 @@ def _templates_section() -> SimpleNamespace:
     return SimpleNamespace(table=table, new_sentence=new_sentence, add=add)
 
 
-def build_data_tab(context: AppContext, preset: gr.Dropdown, selection: gr.State) -> None:
-    """The Data tab; `selection` (per session) receives the chosen data and template edits."""
+def build_data_tab(context: AppContext, preset: gr.Dropdown, selection: gr.State) -> SimpleNamespace:
+    """The Data tab; `selection` (per session) receives the chosen data and template edits.
+    Returns the length fix (a button and the max_length it sets) for the Train tab to take."""
     default_mode = load_config(preset.value).loss.mode
     with gr.Row(equal_height=False):
         src = _sources(context)
@@ -229,11 +261,17 @@ def build_data_tab(context: AppContext, preset: gr.Dropdown, selection: gr.State
                 buttons=[],
                 elem_id="data-gallery",
             )
+    lengths = _lengths_section()
     view = _preview_section(default_mode)
     tpl = _templates_section()
 
     shown = [selection, report, gallery, view.index, tpl.table, view.picture, view.conversation, view.mask]
-    src.demo.click(use_demo_data, [preset, view.mode], shown, api_name="use_demo_data")
+    length_view = [lengths.plot, lengths.summary, lengths.fix, lengths.needed]
+
+    def then_lengths(event) -> None:
+        event.then(show_lengths, [selection, preset], length_view, api_visibility="private")
+
+    then_lengths(src.demo.click(use_demo_data, [preset, view.mode], shown, api_name="use_demo_data"))
 
     def upload_clicked(data_file, images_zip, preset_name, mode, previous, request: gr.Request):
         return reported(load_upload, previous, context, data_file, images_zip, preset_name, mode, request.session_hash)
@@ -242,14 +280,18 @@ def build_data_tab(context: AppContext, preset: gr.Dropdown, selection: gr.State
         return reported(load_server_paths, previous, context, data_path, images_path, preset_name, mode)
 
     upload_inputs = [src.data_file, src.images_zip, preset, view.mode, selection]
-    src.upload.click(upload_clicked, upload_inputs, shown, api_name="load_upload")
+    then_lengths(src.upload.click(upload_clicked, upload_inputs, shown, api_name="load_upload"))
     server_inputs = [src.server_data, src.server_images, preset, view.mode, selection]
-    src.server.click(server_clicked, server_inputs, shown, api_name="load_server_paths")
+    then_lengths(src.server.click(server_clicked, server_inputs, shown, api_name="load_server_paths"))
     sample_view = [view.picture, view.conversation, view.mask]
     inputs = [selection, preset, view.index, view.mode]
-    view.index.release(show_sample, inputs, sample_view, api_name="mask_preview")
+    # .change: dragging, typing a number with Enter and the arrow keys all move the preview
+    view.index.change(show_sample, inputs, sample_view, api_name="mask_preview", trigger_mode="always_last")
     view.mode.input(show_sample, inputs, sample_view, api_visibility="private")
+    view.mode.change(lambda mode: gr.update(info=LOSS_MODE_DESCRIPTIONS[mode]), view.mode, view.mode, api_name="loss_mode_help")
     preset.change(show_sample, inputs, sample_view, api_visibility="private")
+    preset.change(show_lengths, [selection, preset], length_view, api_name="data_lengths")
     gallery.select(pick_from_gallery, [selection, preset, view.mode], [view.index, *sample_view], api_visibility="private")
     tpl.table.input(edit_templates, [tpl.table, *inputs], [selection, tpl.table, view.mask], api_name="edit_templates")
     tpl.add.click(add_template, [tpl.new_sentence, *inputs], [selection, tpl.table, view.mask, tpl.new_sentence], api_name="add_template")
+    return lengths

@@ -22,14 +22,14 @@ from PIL import Image, ImageDraw
 from app.common import notice
 from app.mask_view import mask_html
 from l2t import chat, relevance
-from l2t.config import ConfigError, load_config
+from l2t.config import Config, ConfigError, load_config
 from l2t.data import REASONS, DataReport, Sample
 from l2t.images import ImageError
 from l2t.masking import Encoder, mask_preview
 from l2t.models import fetch_model, load_base_model, load_processor
-from l2t.prepare import data_paths, prepare_data
+from l2t.prepare import data_paths, prepare_data, token_lengths
 from l2t.synthetic import bundled_dir
-from l2t.templates import TaskTemplate, apply_edits
+from l2t.templates import TaskTemplate, apply_edits, samples_with
 
 GALLERY_SIZE = 48
 THUMBNAIL_PX = 160
@@ -115,13 +115,13 @@ def _stamp(path: str) -> tuple:
         return (0, 0)
 
 
-def inspect_data(selection: DataSelection, preset: str) -> Inspection:
-    """Load, check and mine the selection as a run of `preset` would (cached per file version)."""
-    key = (preset, selection.path, selection.images, _stamp(selection.path), _stamp(selection.images))
+def inspect_data(selection: DataSelection, preset: str, overrides: tuple[str, ...] = ()) -> Inspection:
+    """Load, check and mine the selection as a run of `preset` (with `overrides`) would (cached per file version)."""
+    key = (preset, overrides, selection.path, selection.images, _stamp(selection.path), _stamp(selection.images))
     with _cache_lock:
         if key in _cache:
             return _cache[key]
-    config = load_config(preset, overrides=data_overrides(selection, preset, for_training=False))
+    config = load_config(preset, overrides=[*data_overrides(selection, preset, for_training=False), *overrides])
     prepared = prepare_data(config)
     inspection = Inspection(prepared.train, len(prepared.held_out), prepared.report, prepared.templates, prepared.images)
     with _cache_lock:
@@ -144,6 +144,15 @@ def base_model_for(preset: str):
     config = load_config(preset)
     fetch_model(config)
     return load_base_model(config.model)
+
+
+def token_counts(selection: DataSelection, preset: str, overrides: tuple[str, ...] = ()) -> tuple[dict[str, int], Config]:
+    """Each training sample's token count, image tokens included, as a run of `preset` with `overrides` encodes it
+    (`l2t.prepare.token_lengths`), and that run's config."""
+    config = load_config(preset, overrides=list(overrides))
+    inspection = inspect_data(selection, preset, overrides)
+    encoder = Encoder.from_config(config, processor_for(config.preset), effective_templates(inspection, selection))
+    return token_lengths(inspection.samples, encoder)[1], config
 
 
 # ---------------------------------------------------------------- what the tab shows
@@ -199,20 +208,33 @@ def _text_only_tile() -> Image.Image:
     return tile
 
 
-def sample_image(inspection: Inspection, sample: Sample) -> Image.Image:
-    """The sample's first image, scaled for display (a placeholder for text-only samples)."""
-    if not sample.images or inspection.images is None:
-        return _text_only_tile()
-    try:
-        image = inspection.images.open(sample.images[0])
-    except ImageError:
-        return _text_only_tile()
+def _thumbnail(image: Image.Image) -> Image.Image:
     scale = THUMBNAIL_PX / max(image.size)
     if scale > 1:  # small synthetic images: scale up crisply instead of letting the browser blur them
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
-    else:
-        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        return image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     return image
+
+
+def sample_image(inspection: Inspection, sample: Sample) -> Image.Image:
+    """The sample's images side by side, scaled for display (a placeholder for text-only samples)."""
+    if not sample.images or inspection.images is None:
+        return _text_only_tile()
+    tiles = []
+    for path in sample.images:
+        try:
+            tiles.append(_thumbnail(inspection.images.open(path)))
+        except ImageError:
+            tiles.append(_text_only_tile())
+    if len(tiles) == 1:
+        return tiles[0]
+    gap = 6
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)), (255, 255, 255))
+    left = 0
+    for tile in tiles:
+        strip.paste(tile, (left, 0))
+        left += tile.width + gap
+    return strip
 
 
 def first_question(sample: Sample, limit: int = 70) -> str:
@@ -264,7 +286,10 @@ def template_rows(inspection: Inspection, selection: DataSelection) -> list[list
     removed = set(selection.remove)
     rows = [[t.sentence not in removed, t.sentence, t.count, f"{t.fraction:.1%}", "mined"] for t in inspection.mined]
     mined = {t.sentence for t in inspection.mined}
-    rows += [[True, sentence, 0, "–", "added by you"] for sentence in selection.add if sentence not in mined]
+    added = [sentence for sentence in selection.add if sentence not in mined]
+    found = samples_with(added, (s.instructions() for s in inspection.samples))
+    total = max(len(inspection.samples), 1)
+    rows += [[True, sentence, found[sentence], f"{found[sentence] / total:.1%}", "added by you"] for sentence in added]
     return rows
 
 

@@ -114,7 +114,8 @@ def merged_zip(context: AppContext, run: str | None) -> str:
     return _zip(folder, folder / f"{run}-merged.zip", _files_under(out, f"{run}-merged"))
 
 
-def build_export_tab(context: AppContext, demo: gr.Blocks) -> None:
+def build_export_tab(context: AppContext, demo: gr.Blocks, refresh_on: list) -> None:
+    """The Export tab; its run list refreshes on the page load, the Refresh button and the events in `refresh_on`."""
     run, refresh = run_picker("export-run")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, elem_classes="l2t-card"):
@@ -142,8 +143,7 @@ def build_export_tab(context: AppContext, demo: gr.Blocks) -> None:
     def refresh_runs(current):
         return run_choices(context, current)
 
-    refresh.click(refresh_runs, run, run, api_visibility="private")
-    demo.load(refresh_runs, run, run, api_visibility="private")
+    gr.on([refresh.click, demo.load, *refresh_on], refresh_runs, run, run, api_visibility="private", show_progress="hidden")
     run.change(lambda name: show_result(context, name), run, [result, report], api_visibility="private")
 
     def merge_clicked(name):
