@@ -173,8 +173,8 @@ def _sources(context: AppContext) -> SimpleNamespace:
         demo = gr.Button("Use the demo data", variant="primary")
         gr.Markdown("Synthetic shapes with known answers: trains on a CPU in a minute.", elem_classes="l2t-hint")
         with gr.Accordion("Upload your own", open=True):
-            data_file = gr.File(label="Data file: LLaVA or messages JSON / JSONL", file_types=[".json", ".jsonl"], height=120)
-            images_zip = gr.File(label="Images: a .zip (paths in the data are relative to its root)", file_types=[".zip"], height=120)
+            data_file = gr.File(label="Data file: LLaVA or messages JSON / JSONL", file_types=[".json", ".jsonl"], height=120, elem_id="upload-data")
+            images_zip = gr.File(label="Images: a .zip (paths in the data are relative to its root)", file_types=[".zip"], height=120, elem_id="upload-images")
             upload = gr.Button("Load the upload")
         with gr.Accordion("…or files on the server", open=False, visible=context.allow_server_paths):
             server_data = gr.Textbox(label="Data file path", placeholder="/data/my_set/train.json")
@@ -204,11 +204,12 @@ def _preview_section(default_mode: str) -> SimpleNamespace:
     gr.HTML(legend_html())
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=260):
-            index = gr.Slider(0, 1, value=0, step=1, label="Sample", interactive=False)
+            index = gr.Slider(0, 1, value=0, step=1, label="Sample", interactive=False, elem_id="sample-index")
             mode = gr.Dropdown(
                 list(LOSS_MODES),
                 value=default_mode,
                 label="Loss mode",
+                elem_id="loss-mode",
                 info=LOSS_MODE_DESCRIPTIONS[default_mode],
             )
             picture = gr.Image(label="Image", interactive=False, height=200, buttons=[])

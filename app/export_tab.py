@@ -129,7 +129,7 @@ def build_export_tab(context: AppContext, demo: gr.Blocks, refresh_on: list) -> 
             result = gr.HTML(notice("Pick a finished run.", "info"))
             with gr.Row():
                 merged_button = gr.Button("Zip the merged model", elem_id="merged-zip-button")
-                merged_download = gr.File(label="Merged model (.zip)", interactive=False, height=90)
+                merged_download = gr.File(label="Merged model (.zip)", interactive=False, height=90, elem_id="merged-download")
             with gr.Accordion(f"{runs.MERGE_LOG} and {REPORT}", open=False):
                 merge_log = gr.Textbox(
                     label=runs.MERGE_LOG, lines=10, max_lines=10, autoscroll=True, interactive=False, elem_classes="l2t-log"
