@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import gradio as gr
 import torch
 
-from app import datasets, lengths_view, run_config, run_view
+from app import datasets, lengths_view, run_config, run_view, uploads
 from app.common import AppContext, guarded, notice, run_dir
 from app.datasets import DataSelection
 from app.lengths_view import MAX_SKIPPED_SHARE, LengthCheck
@@ -165,7 +165,7 @@ def save_settings(context: AppContext, preset, l2t_on, drop_templates, extra, na
     settings = run_settings(preset, l2t_on, drop_templates, extra or "", None, values)
     folder = context.uploads_dir / "settings"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{(name or '').strip() or preset}-settings.yaml"
+    path = folder / uploads.stored_name(f"{(name or '').strip() or preset}-settings.yaml", "settings.yaml")  # a name, never a path
     atomic_write_text(path, "# L2T Studio settings: python -m l2t.train --config THIS_FILE --data ...\n" + run_config.settings_yaml(preset, settings))
     return str(path)
 

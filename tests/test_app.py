@@ -15,6 +15,7 @@ import struct
 import time
 import zipfile
 import zlib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -169,8 +170,10 @@ def test_export_merges_with_a_passing_parity_check(app):
 
 def test_train_settings_are_saved_and_loaded_as_a_config_file(app, tmp_path):
     settings = {"LoRA rank r": 8, "Max steps (0: use epochs)": 12, "L2T: learn from the instruction too": False,
-                "key=value, one per line": "train.logging_steps=3", "Run name": "saved"}  # fmt: skip
+                "key=value, one per line": "train.logging_steps=3", "Run name": "../../saved"}  # fmt: skip
     saved = app.client.predict(**start_kwargs(app.client, "/save_settings", **settings), api_name="/save_settings")
+    assert Path(saved).name == "saved-settings.yaml"
+    assert [p.name for p in app.root.rglob("*saved-settings.yaml") if p.parent.name == "settings"] == ["saved-settings.yaml"]
     text = open(saved).read()
     assert yaml.safe_load(text) == {"preset": "tiny", "loss": {"mode": "response"}, "lora": {"r": 8},
                                     "train": {"max_steps": 12, "logging_steps": 3}}  # fmt: skip
