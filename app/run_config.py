@@ -136,17 +136,16 @@ def command_line(preset: str, selection: DataSelection | None, settings: list[st
     return " \\\n    ".join(chunks)
 
 
-UI_HELD_OUT_FRACTION = 0.1
 MIN_SAMPLES_FOR_HELD_OUT = 50
-"""A run started from the UI holds out UI_HELD_OUT_FRACTION of data this big when its preset holds out nothing,
-so the Compare tab has samples the model never saw."""
+"""A run started from the UI on data this big holds out the schema's default train.eval_fraction when its preset
+holds out nothing, so the Compare tab has samples the model never saw."""
 
 
 def held_out_overrides(samples: int, held_out: int) -> list[str]:
     """train.eval_fraction for a UI run whose preset would hold out nothing from `samples` training samples."""
     if held_out or samples < MIN_SAMPLES_FOR_HELD_OUT:
         return []
-    return [f"train.eval_fraction={UI_HELD_OUT_FRACTION}"]
+    return [f"train.eval_fraction={Config().train.eval_fraction}"]
 
 
 def default_run_name(preset: str, mode: str) -> str:

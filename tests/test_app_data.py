@@ -129,17 +129,17 @@ def test_samples_over_max_length_are_shown_refused_at_start_and_counted_when_fin
     assert longest > 128
     assert {row[2] for row in plot["value"]["data"]} == {"within max_length", "over max_length: skipped"}
 
-    with pytest.raises(AppError, match=r"of 54 training samples \(\d+%\) are longer than Max length 128") as refused:
+    with pytest.raises(AppError, match=r"of 57 training samples \(\d+%\) are longer than Max length 128") as refused:
         app.client.predict(**start_kwargs(app.client, **{"Run name": "too-long"}), api_name="/start_training")
-    too_long = int(re.search(r"(\d+) of 54 training samples", str(refused.value)).group(1))  # 6 of the 60 are held out
+    too_long = int(re.search(r"(\d+) of 57 training samples", str(refused.value)).group(1))  # 3 of the 60 are held out
     assert not (app.context.runs_dir / "too-long").exists()
 
     settings = {"Run name": "long-run", "Max steps (0: use epochs)": 4, "Start anyway, skipping the long samples": True}
     status, _, command = app.client.predict(**start_kwargs(app.client, **settings), api_name="/start_training")
-    assert "train.eval_fraction=0.1" in command  # a UI run of data this big holds out a split for Compare
+    assert "train.eval_fraction=0.05" in command  # a UI run of data this big holds out a split for Compare
     status, _, log = poll_until(app.client, ended)
     assert state_of(status) == "finished", log
-    assert f"trained on <b>{54 - too_long}</b> samples, {too_long} skipped" in status
+    assert f"trained on <b>{57 - too_long}</b> samples, {too_long} skipped" in status
 
 
 def test_compare_works_on_the_held_out_split_of_a_ui_run(app):
