@@ -1,7 +1,7 @@
 """L2T Studio, the web UI.
 
     python -m app                                   # http://127.0.0.1:7860
-    python -m app --port 8080 --runs-dir runs --uploads-dir uploads
+    python -m app --port 8080 --runs-dir runs --uploads-dir uploads --data-root /data
     python -m app --host 0.0.0.0 --auth alice:secret  # reachable from other machines, with a login
 
 Trainings started from the page run as `python -m l2t.train` subprocesses and
@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.add_argument("--auth", type=parse_auth, default=None, metavar="USER:PASSWORD", help="require this login")
     parser.add_argument("--runs-dir", default="runs", help="where run folders go (default runs)")
+    parser.add_argument(
+        "--data-root", action="append", default=[], metavar="FOLDER",
+        help="a folder whose files the Data tab may read by path, besides the working folder (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--uploads-dir", default="uploads", help="where uploads go, one folder per browser session (default uploads)")
     return parser.parse_args(argv)
 
@@ -41,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     from app.ui import create, serve  # gradio and torch load only once the arguments are good
 
     # An unauthenticated public link must not let visitors read files on this machine.
-    demo, context = create(args.runs_dir, args.uploads_dir, allow_server_paths=not (args.share and args.auth is None))
+    demo, context = create(
+        args.runs_dir, args.uploads_dir, allow_server_paths=not (args.share and args.auth is None), data_roots=args.data_root
+    )
     try:
         serve(demo, context, host=args.host, port=args.port, share=args.share, auth=args.auth)
     except KeyboardInterrupt:

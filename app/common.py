@@ -41,6 +41,8 @@ class AppContext:
     jobs: JobManager
     allow_server_paths: bool = True
     """Whether the Data tab may read paths on the server (off for an unauthenticated --share link)."""
+    data_roots: tuple[Path, ...] = ()
+    """The folders server paths may lie in (the working folder and each --data-root)."""
 
 
 def run_dir(context: AppContext, name: str | None) -> Path:
@@ -69,9 +71,16 @@ def run_choices(context: AppContext, current: str | None = None, with_adapter: b
 def _as_gradio_error(name: str, exc: Exception) -> gr.Error:
     if isinstance(exc, USER_ERRORS):
         log.info("%s: %s", name, exc)
-        return gr.Error(str(exc), print_exception=False)
+        return gr.Error(html.escape(str(exc)), print_exception=False)  # the toast renders HTML: keep "<image>" visible
     log.exception("%s failed", name)
     return gr.Error(f"Something went wrong in '{name}' ({type(exc).__name__}). The details are in the server log.", print_exception=False)
+
+
+def _one_line(name: str, exc: gr.Error) -> gr.Error:
+    """A message for the user (no file chosen, nothing to stop): one log line, no traceback on the server's stderr."""
+    log.info("%s: %s", name, exc.message)
+    exc.print_exception = False
+    return exc
 
 
 def guarded(fn):
@@ -83,8 +92,8 @@ def guarded(fn):
         def generator(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except gr.Error:
-                raise
+            except gr.Error as exc:
+                raise _one_line(name, exc) from None
             except Exception as exc:
                 raise _as_gradio_error(name, exc) from None
 
@@ -94,8 +103,8 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
+        except gr.Error as exc:
+            raise _one_line(name, exc) from None
         except Exception as exc:
             raise _as_gradio_error(name, exc) from None
 

@@ -16,18 +16,20 @@ import logging
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import gradio as gr
 from PIL import Image
 
+from app import uploads
 from app.common import AppContext, follow_job, guarded, list_runs, notice, run_choices, run_dir, run_picker
 from app.jobs import module_command
 from l2t import chat, evaluate, generation, runs
 from l2t.answers import where_it_looks
 from l2t.attention import DEFAULT_LAYERS
 from l2t.config import DataConfig
-from l2t.data import Sample
+from l2t.data import Sample, load_samples
 from l2t.images import ImageSource
 from l2t.report import attention_chart, attention_map
 from l2t.scoring import EvalItem
@@ -111,19 +113,67 @@ def looks(context: AppContext, run: str | None, image, prompt: str):
     return Image.open(io.BytesIO(attention_chart(study))), Image.open(io.BytesIO(attention_map(study, image)))
 
 
+HELD_OUT, UPLOAD, SERVER = "the run's held-out split", "an upload", "a file on the server"
+
+
+def test_data(context: AppContext, kind: str, data_file, images_zip, server_data: str, server_images: str, session: str | None):
+    """(data file, image root) of the chosen test data; (None, None) for the run's held-out split."""
+    if kind == UPLOAD:
+        if not data_file:
+            raise gr.Error("Choose a test data file (.json or .jsonl) to upload, or pick the held-out split.")
+        data, images = uploads.store_upload(context.uploads_dir, session, data_file, images_zip)
+        return str(data), str(images) if images else None
+    if kind == SERVER:
+        if not context.allow_server_paths:
+            raise gr.Error("Reading files on the server is off for this public link.")
+        if not (server_data or "").strip():
+            raise gr.Error("Type the path of the test data file on the server, or pick the held-out split.")
+        data = uploads.allowed_server_path(server_data.strip(), context.data_roots)
+        images = uploads.allowed_server_path(server_images.strip(), context.data_roots) if (server_images or "").strip() else None
+        return str(data), str(images) if images else None
+    return None, None
+
+
 @guarded
-def held_out_sample(context: AppContext, run: str | None, position: int):
-    """The next held-out sample of the run: its image, question and reference answer."""
+def choose_test_data(context: AppContext, kind, data_file, images_zip, server_data, server_images, session: str | None):
+    """The test data the held-out samples and the batch evaluation take, checked now: (choice, note, sample position)."""
+    data, images = test_data(context, kind, data_file, images_zip, server_data, server_images, session)
+    if data is None:
+        return (None, None), notice(f"Test samples: {HELD_OUT}.", "info"), 0
+    samples, report = load_samples(Path(data), images or str(Path(data).parent))
+    name = Path(data_file).name if kind == UPLOAD else server_data.strip()
+    shown = f"Test samples: {name}, {report.ok} of {report.total} usable."
+    return (data, images), notice(shown, "ok" if report.ok == report.total else "warn"), 0
+
+
+def _test_samples(trained: runs.TrainedRun, data: str | None, images: str | None):
+    try:
+        return evaluate.load_test_samples(trained, data, images)
+    except evaluate.EvaluationError as exc:
+        if data:
+            raise
+        log.info("held-out sample of %s: %s", trained.path.name, exc)
+        raise gr.Error(
+            f"{trained.path.name} held out no samples to test on. Choose other test data under “Test data” "
+            "(an upload or a file on the server).",
+            print_exception=False,
+        ) from None
+
+
+@guarded
+def held_out_sample(context: AppContext, run: str | None, position: int, test: tuple = (None, None)):
+    """The next test sample (the run's held-out split by default): its image, question and reference answer."""
     if not run:
         raise gr.Error("Pick a finished run first.")
     trained = runs.open_trained_run(run_dir(context, run))
-    samples, source, _ = evaluate.load_test_samples(trained, None, None)
+    samples, source, _ = _test_samples(trained, *test)
     with_image = [s for s in samples if s.images] or samples
     sample: Sample = with_image[int(position) % len(with_image)]
     messages, reference = generation.prompt_and_reference(sample)
     question = messages[-1]["content"].replace(chat.IMAGE, "").strip()
     image = source.open(sample.images[0]) if sample.images and source is not None else None
-    shown = f"Held-out sample <b>{html.escape(sample.id)}</b> · reference answer: <i>{html.escape(reference)}</i>"
+    where = "Held-out sample" if test[0] is None else "Test sample"
+    shown = f"{where} <b>{html.escape(sample.id)}</b> · reference answer: <i>{html.escape(reference)}</i>"
     return image, question, f'<div class="l2t-hint">{shown}</div>', int(position) + 1
 
 
@@ -145,12 +195,15 @@ def show_report(context: AppContext, run: str | None):
 
 
 @guarded
-def run_evaluation(context: AppContext, run: str | None, others: list[str] | None):
+def run_evaluation(context: AppContext, run: str | None, others: list[str] | None, test: tuple = (None, None)):
     if not run:
         raise gr.Error("Pick a finished run first.")
     folder = run_dir(context, run)
+    _test_samples(runs.open_trained_run(folder), *test)  # no test data: say so here, not in the job's log
     extra = [str(run_dir(context, name)) for name in (others or []) if name != run]
-    command = module_command("l2t.evaluate", str(folder), *(["--compare", *extra] if extra else []))
+    data, images = test
+    chosen = [*(["--data", data] if data else []), *(["--images", images] if images else [])]
+    command = module_command("l2t.evaluate", str(folder), *chosen, *(["--compare", *extra] if extra else []))
     job = context.jobs.start("evaluate", command, folder, folder / runs.EVAL_LOG)
     names = ", ".join([run, *[Path(p).name for p in extra]])
     yield from follow_job(
@@ -162,12 +215,23 @@ def run_evaluation(context: AppContext, run: str | None, others: list[str] | Non
     )
 
 
-def build_compare_tab(context: AppContext, demo: gr.Blocks) -> None:
+def build_compare_tab(context: AppContext, demo: gr.Blocks, refresh_on: list) -> SimpleNamespace:
+    """The Compare tab; its run lists refresh on the page load, the Refresh button and the events in `refresh_on`.
+    Returns its run picker and A/B list (the Runs tab fills them)."""
     run, refresh = run_picker("compare-run")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, elem_classes="l2t-card"):
             upload = gr.File(label="Upload an image", file_types=["image"], height=110, elem_id="compare-upload")
             picture = gr.Image(label="Image", type="pil", format="png", interactive=False, height=220, buttons=[], elem_id="compare-picture")
+            with gr.Accordion("Test data", open=False):
+                test_kind = gr.Radio([HELD_OUT, UPLOAD, SERVER], value=HELD_OUT, label="Test samples from", elem_id="test-kind")
+                test_file = gr.File(label="Test data: LLaVA or messages JSON / JSONL", file_types=[".json", ".jsonl"], height=90)
+                test_zip = gr.File(label="Its images (.zip)", file_types=[".zip"], height=90)
+                test_path = gr.Textbox(label="Test data path on the server", visible=context.allow_server_paths)
+                test_images = gr.Textbox(label="Image folder or .zip on the server", visible=context.allow_server_paths)
+                use_test = gr.Button("Use this test data")
+            test_note = gr.HTML(notice(f"Test samples: {HELD_OUT}.", "info"))
+            test = gr.State((None, None))
             sample_button = gr.Button("Try a held-out sample")
             reference = gr.HTML()
             prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, elem_id="compare-prompt")
@@ -206,13 +270,22 @@ def build_compare_tab(context: AppContext, demo: gr.Blocks) -> None:
     def refresh_runs(current):
         return run_choices(context, current), gr.update(choices=list_runs(context, with_adapter=True))
 
-    refresh.click(refresh_runs, run, [run, others], api_visibility="private")
-    demo.load(refresh_runs, run, [run, others], api_visibility="private")
+    gr.on([refresh.click, demo.load, *refresh_on], refresh_runs, run, [run, others], api_visibility="private", show_progress="hidden")
     run.change(lambda name: show_report(context, name), run, report, api_visibility="private")
     upload.upload(lambda name, path: check_image(context, name, path), [run, upload], picture, api_name="check_image")
+    chooser = [test_kind, test_file, test_zip, test_path, test_images]
+
+    def choose(kind, data_file, images_zip, server_data, server_images, request: gr.Request):
+        return choose_test_data(context, kind, data_file, images_zip, server_data, server_images, request.session_hash)
+
+    def held_out_again(kind):
+        return choose_test_data(context, kind, None, None, "", "", None) if kind == HELD_OUT else (gr.update(),) * 3
+
+    use_test.click(choose, chooser, [test, test_note, position], api_name="choose_test_data")
+    test_kind.input(held_out_again, test_kind, [test, test_note, position], api_visibility="private")
     sample_button.click(
-        lambda name, pos: held_out_sample(context, name, pos),
-        [run, position],
+        lambda name, pos, chosen: held_out_sample(context, name, pos, chosen),
+        [run, position, test],
         [picture, prompt, reference, position],
         api_name="held_out_sample",
     )
@@ -221,7 +294,8 @@ def build_compare_tab(context: AppContext, demo: gr.Blocks) -> None:
         lambda name, image, text: looks(context, name, image, text), [run, picture, prompt], [looks_chart, looks_map], api_name="looks"
     )
 
-    def evaluate_clicked(name, names):
-        yield from run_evaluation(context, name, names)
+    def evaluate_clicked(name, names, chosen):
+        yield from run_evaluation(context, name, names, chosen)
 
-    evaluate_button.click(evaluate_clicked, [run, others], [eval_status, eval_log, report], api_name="run_evaluation")
+    evaluate_button.click(evaluate_clicked, [run, others, test], [eval_status, eval_log, report], api_name="run_evaluation")
+    return SimpleNamespace(run=run, others=others)

@@ -19,16 +19,17 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from app.common import notice
 from app.mask_view import mask_html
 from l2t import chat, relevance
-from l2t.config import ConfigError, load_config
+from l2t.config import Config, ConfigError, load_config
 from l2t.data import REASONS, DataReport, Sample
 from l2t.images import ImageError
 from l2t.masking import Encoder, mask_preview
 from l2t.models import fetch_model, load_base_model, load_processor
-from l2t.prepare import data_paths, prepare_data
+from l2t.prepare import data_paths, prepare_data, token_lengths
 from l2t.synthetic import bundled_dir
-from l2t.templates import TaskTemplate, apply_edits
+from l2t.templates import TaskTemplate, apply_edits, samples_with
 
 GALLERY_SIZE = 48
 THUMBNAIL_PX = 160
@@ -44,6 +45,7 @@ class DataSelection:
     images: str = ""
     """Image folder or .zip (absolute); empty: the data file's folder."""
     demo: bool = False
+    uploaded: bool = False
     remove: tuple[str, ...] = field(default_factory=tuple)
     """Mined task templates the user unticked (templates.remove)."""
     add: tuple[str, ...] = field(default_factory=tuple)
@@ -113,13 +115,13 @@ def _stamp(path: str) -> tuple:
         return (0, 0)
 
 
-def inspect_data(selection: DataSelection, preset: str) -> Inspection:
-    """Load, check and mine the selection as a run of `preset` would (cached per file version)."""
-    key = (preset, selection.path, selection.images, _stamp(selection.path), _stamp(selection.images))
+def inspect_data(selection: DataSelection, preset: str, overrides: tuple[str, ...] = ()) -> Inspection:
+    """Load, check and mine the selection as a run of `preset` (with `overrides`) would (cached per file version)."""
+    key = (preset, overrides, selection.path, selection.images, _stamp(selection.path), _stamp(selection.images))
     with _cache_lock:
         if key in _cache:
             return _cache[key]
-    config = load_config(preset, overrides=data_overrides(selection, preset, for_training=False))
+    config = load_config(preset, overrides=[*data_overrides(selection, preset, for_training=False), *overrides])
     prepared = prepare_data(config)
     inspection = Inspection(prepared.train, len(prepared.held_out), prepared.report, prepared.templates, prepared.images)
     with _cache_lock:
@@ -144,20 +146,39 @@ def base_model_for(preset: str):
     return load_base_model(config.model)
 
 
+def token_counts(selection: DataSelection, preset: str, overrides: tuple[str, ...] = ()) -> tuple[dict[str, int], Config]:
+    """Each training sample's token count, image tokens included, as a run of `preset` with `overrides` encodes it
+    (`l2t.prepare.token_lengths`), and that run's config."""
+    config = load_config(preset, overrides=list(overrides))
+    inspection = inspect_data(selection, preset, overrides)
+    encoder = Encoder.from_config(config, processor_for(config.preset), effective_templates(inspection, selection))
+    return token_lengths(inspection.samples, encoder)[1], config
+
+
 # ---------------------------------------------------------------- what the tab shows
 
 
-def report_html(inspection: Inspection, label: str) -> str:
+def report_html(inspection: Inspection, selection: DataSelection) -> str:
     report = inspection.report
     skipped = report.total - report.ok
     kind = "ok" if not skipped else "warn"
     split = f" ({len(inspection.samples)} to train on, {inspection.held_out} held out)" if inspection.held_out else ""
     head = (
-        f'<div class="l2t-notice l2t-{kind}"><b>{html.escape(label)}</b>: '
+        f'<div class="l2t-notice l2t-{kind}"><b>{html.escape(selection.label)}</b>: '
         f"{report.ok} of {report.total} samples usable{split}"
         + (f", {skipped} skipped" if skipped else "")
         + f" · {len(inspection.mined)} task templates mined</div>"
     )
+    notes = []
+    images = inspection.images
+    if images is not None and images.read_from_top_folder:
+        notes.append(
+            f"The images are inside the folder '{images.top_folder}/' of {Path(selection.images).name}, one level deeper than "
+            f"the paths in the data: they are read from there ({images.read_from_top_folder} found)."
+        )
+    if missing_images_hint(selection, report):
+        notes.append(missing_images_hint(selection, report))
+    head += "".join(notice(note, "info") for note in notes)
     if not report.problems:
         return head
     rows = []
@@ -174,26 +195,46 @@ def report_html(inspection: Inspection, label: str) -> str:
     return head + table
 
 
+def missing_images_hint(selection: DataSelection, report: DataReport | None) -> str:
+    """What to do when an upload's images are missing because no .zip came with it."""
+    if selection.uploaded and not selection.images and report is not None and "image_missing" in report.counts():
+        return "The data names images, but none were uploaded: upload the images as a .zip beside the data file."
+    return ""
+
+
 def _text_only_tile() -> Image.Image:
     tile = Image.new("RGB", (THUMBNAIL_PX, THUMBNAIL_PX), (241, 245, 249))
     ImageDraw.Draw(tile).text((THUMBNAIL_PX // 2 - 26, THUMBNAIL_PX // 2 - 6), "text only", fill=(100, 116, 139))
     return tile
 
 
-def sample_image(inspection: Inspection, sample: Sample) -> Image.Image:
-    """The sample's first image, scaled for display (a placeholder for text-only samples)."""
-    if not sample.images or inspection.images is None:
-        return _text_only_tile()
-    try:
-        image = inspection.images.open(sample.images[0])
-    except ImageError:
-        return _text_only_tile()
+def _thumbnail(image: Image.Image) -> Image.Image:
     scale = THUMBNAIL_PX / max(image.size)
     if scale > 1:  # small synthetic images: scale up crisply instead of letting the browser blur them
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
-    else:
-        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        return image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     return image
+
+
+def sample_image(inspection: Inspection, sample: Sample) -> Image.Image:
+    """The sample's images side by side, scaled for display (a placeholder for text-only samples)."""
+    if not sample.images or inspection.images is None:
+        return _text_only_tile()
+    tiles = []
+    for path in sample.images:
+        try:
+            tiles.append(_thumbnail(inspection.images.open(path)))
+        except ImageError:
+            tiles.append(_text_only_tile())
+    if len(tiles) == 1:
+        return tiles[0]
+    gap = 6
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)), (255, 255, 255))
+    left = 0
+    for tile in tiles:
+        strip.paste(tile, (left, 0))
+        left += tile.width + gap
+    return strip
 
 
 def first_question(sample: Sample, limit: int = 70) -> str:
@@ -245,7 +286,10 @@ def template_rows(inspection: Inspection, selection: DataSelection) -> list[list
     removed = set(selection.remove)
     rows = [[t.sentence not in removed, t.sentence, t.count, f"{t.fraction:.1%}", "mined"] for t in inspection.mined]
     mined = {t.sentence for t in inspection.mined}
-    rows += [[True, sentence, 0, "–", "added by you"] for sentence in selection.add if sentence not in mined]
+    added = [sentence for sentence in selection.add if sentence not in mined]
+    found = samples_with(added, (s.instructions() for s in inspection.samples))
+    total = max(len(inspection.samples), 1)
+    rows += [[True, sentence, found[sentence], f"{found[sentence] / total:.1%}", "added by you"] for sentence in added]
     return rows
 
 

@@ -2,7 +2,8 @@
 
 The merge is `python -m l2t.merge RUN_DIR --out RUN_DIR/merged` as a
 subprocess; the page follows its log and then shows merge_report.json. The
-adapter zip is built in the run folder, so it is served from there.
+adapter and merged-model zips are built in the run folder, so they are served
+from there.
 """
 
 from __future__ import annotations
@@ -71,32 +72,50 @@ def merge(context: AppContext, run: str | None):
     yield from follow_job(job, progress, "The merge failed:", lambda: (result_html(out), read_json(out / REPORT)))
 
 
-@guarded
-def adapter_zip(context: AppContext, run: str | None) -> str:
-    """RUN_DIR/<run>-adapter.zip with the adapter folder (and the run's config and templates)."""
-    if not run:
-        raise gr.Error("Pick a finished run first.")
-    folder = run_dir(context, run)
-    adapter = folder / runs.ADAPTER
-    runs.open_trained_run(folder)
-    target = folder / f"{run}-adapter.zip"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapter-zip.", suffix=".tmp")
+def _zip(folder: Path, target: Path, entries: list[tuple[Path, str]]) -> str:
+    """Write `entries` (file, name in the archive) to `target` in `folder`, through a temp file renamed into place."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".zip.", suffix=".tmp")
     os.close(fd)
     try:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-            for path in sorted(adapter.rglob("*")):
-                if path.is_file():
-                    archive.write(path, f"{run}/adapter/{path.relative_to(adapter)}")
-            for name in (runs.CONFIG, runs.TEMPLATES):
-                if (folder / name).exists():
-                    archive.write(folder / name, f"{run}/{name}")
+            for path, name in entries:
+                archive.write(path, name)
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return str(target)
 
 
-def build_export_tab(context: AppContext, demo: gr.Blocks) -> None:
+def _files_under(folder: Path, prefix: str) -> list[tuple[Path, str]]:
+    return [(path, f"{prefix}/{path.relative_to(folder)}") for path in sorted(folder.rglob("*")) if path.is_file()]
+
+
+@guarded
+def adapter_zip(context: AppContext, run: str | None) -> str:
+    """RUN_DIR/<run>-adapter.zip with the adapter folder (and the run's config and templates)."""
+    if not run:
+        raise gr.Error("Pick a finished run first.")
+    folder = run_dir(context, run)
+    runs.open_trained_run(folder)
+    entries = _files_under(folder / runs.ADAPTER, f"{run}/adapter")
+    entries += [(folder / name, f"{run}/{name}") for name in (runs.CONFIG, runs.TEMPLATES) if (folder / name).exists()]
+    return _zip(folder, folder / f"{run}-adapter.zip", entries)
+
+
+@guarded
+def merged_zip(context: AppContext, run: str | None) -> str:
+    """RUN_DIR/<run>-merged.zip: the merged model folder, to download from the browser."""
+    if not run:
+        raise gr.Error("Pick a finished run first.")
+    folder = run_dir(context, run)
+    out = folder / runs.MERGED
+    if not (out / REPORT).exists():
+        raise gr.Error(f"{run} has no merged model yet: press “Merge and check” first.")
+    return _zip(folder, folder / f"{run}-merged.zip", _files_under(out, f"{run}-merged"))
+
+
+def build_export_tab(context: AppContext, demo: gr.Blocks, refresh_on: list) -> None:
+    """The Export tab; its run list refreshes on the page load, the Refresh button and the events in `refresh_on`."""
     run, refresh = run_picker("export-run")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, elem_classes="l2t-card"):
@@ -108,6 +127,9 @@ def build_export_tab(context: AppContext, demo: gr.Blocks) -> None:
             )
             merge_button = gr.Button("Merge and check", variant="primary", elem_id="merge-button")
             result = gr.HTML(notice("Pick a finished run.", "info"))
+            with gr.Row():
+                merged_button = gr.Button("Zip the merged model", elem_id="merged-zip-button")
+                merged_download = gr.File(label="Merged model (.zip)", interactive=False, height=90, elem_id="merged-download")
             with gr.Accordion(f"{runs.MERGE_LOG} and {REPORT}", open=False):
                 merge_log = gr.Textbox(
                     label=runs.MERGE_LOG, lines=10, max_lines=10, autoscroll=True, interactive=False, elem_classes="l2t-log"
@@ -121,8 +143,7 @@ def build_export_tab(context: AppContext, demo: gr.Blocks) -> None:
     def refresh_runs(current):
         return run_choices(context, current)
 
-    refresh.click(refresh_runs, run, run, api_visibility="private")
-    demo.load(refresh_runs, run, run, api_visibility="private")
+    gr.on([refresh.click, demo.load, *refresh_on], refresh_runs, run, run, api_visibility="private", show_progress="hidden")
     run.change(lambda name: show_result(context, name), run, [result, report], api_visibility="private")
 
     def merge_clicked(name):
@@ -130,3 +151,4 @@ def build_export_tab(context: AppContext, demo: gr.Blocks) -> None:
 
     merge_button.click(merge_clicked, run, [result, merge_log, report], api_name="merge")
     zip_button.click(lambda name: adapter_zip(context, name), run, download, api_name="adapter_zip")
+    merged_button.click(lambda name: merged_zip(context, name), run, merged_download, api_name="merged_zip")

@@ -20,7 +20,7 @@ import yaml
 from app.datasets import DataSelection, data_overrides, template_overrides
 from app.jobs import Job, JobManager, module_command
 from l2t import runs
-from l2t.config import Config, ConfigError, field_docs, load_config, parse_override
+from l2t.config import Config, ConfigError, field_docs, load_config, merge, parse_override, validate
 from l2t.files import atomic_write_text
 
 
@@ -136,6 +136,18 @@ def command_line(preset: str, selection: DataSelection | None, settings: list[st
     return " \\\n    ".join(chunks)
 
 
+MIN_SAMPLES_FOR_HELD_OUT = 50
+"""A run started from the UI on data this big holds out the schema's default train.eval_fraction when its preset
+holds out nothing, so the Compare tab has samples the model never saw."""
+
+
+def held_out_overrides(samples: int, held_out: int) -> list[str]:
+    """train.eval_fraction for a UI run whose preset would hold out nothing from `samples` training samples."""
+    if held_out or samples < MIN_SAMPLES_FOR_HELD_OUT:
+        return []
+    return [f"train.eval_fraction={Config().train.eval_fraction}"]
+
+
 def default_run_name(preset: str, mode: str) -> str:
     return f"{preset}-{mode}-{time.strftime('%m%d-%H%M%S')}"
 
@@ -151,10 +163,59 @@ def _nested(overrides: list[str]) -> dict:
     return values
 
 
+def settings_yaml(preset: str, overrides: list[str]) -> str:
+    """The preset and the overrides as a YAML file for --config (what launch.yaml holds, and what "Save settings" writes)."""
+    return yaml.safe_dump({"preset": preset, **_nested(overrides)}, sort_keys=False, allow_unicode=True)
+
+
+@dataclass
+class Form:
+    """The Train tab's fields, as read from a settings file."""
+
+    preset: str
+    l2t_on: bool
+    drop_templates: bool
+    values: list
+    """One per SETTING_KEYS."""
+    extra: str
+    """key=value lines for the keys without a field of their own."""
+    left_out: list[str]
+    """data.* and templates.* keys: the Data tab sets them."""
+
+
+FROM_THE_DATA_TAB = ("data", "templates")
+
+
+def form_from_yaml(text: str, source: str) -> Form:
+    """The Train tab's fields for a settings file in the --config format (launch.yaml, a saved file)."""
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected sections like 'train:' and 'loss:', got {type(values).__name__}")
+    preset = values.get("preset") or Config().preset
+    preset_mode = load_config(preset).loss.mode
+    config = merge(load_config(preset), {k: v for k, v in values.items() if k not in ("preset", "output")}, source)
+    validate(config)
+    l2t_on, drop_templates = toggles_of(config.loss.mode)
+    extra, left_out = [], []
+    for section, entries in values.items():
+        if section in ("preset", "output") or not isinstance(entries, dict):
+            continue
+        for key, value in entries.items():
+            dotted = f"{section}.{key}"
+            if section in FROM_THE_DATA_TAB:
+                left_out.append(dotted)
+            elif dotted not in SETTING_KEYS and not (dotted == "loss.mode" and loss_mode(l2t_on, drop_templates, preset_mode) == value):
+                extra.append(f"{dotted}={_format(value)}")
+    return Form(preset, l2t_on, drop_templates, [value_of(config, key) for key in SETTING_KEYS], "\n".join(extra), left_out)
+
+
 def write_launch_config(run_dir: Path, preset: str, overrides: list[str], command: str) -> Path:
     header = "# L2T Studio settings for this run (the file passed with --config). Equivalent command:\n"
     header += "".join(f"#   {line}\n" for line in command.splitlines())
-    text = header + yaml.safe_dump({"preset": preset, **_nested(overrides)}, sort_keys=False, allow_unicode=True)
+    text = header + settings_yaml(preset, overrides)
     path = run_dir / runs.LAUNCH
     atomic_write_text(path, text)
     return path

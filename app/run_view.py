@@ -33,6 +33,11 @@ class TrainState:
     eta_s: float | None = None
     elapsed_s: float | None = None
     error: str = ""
+    trained: int | None = None
+    """Samples trained on, and skipped (bad, too long, nothing to learn): known once finished."""
+    skipped: int = 0
+    checkpoint: bool = True
+    """Whether a checkpoint was saved (Resume continues from it) or not (Resume starts over)."""
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64_000) -> str:
@@ -77,6 +82,9 @@ def train_state(job: Job | None, run_dir: Path | None) -> TrainState:
     result = TrainState(
         status.get("state", "none"), run_dir.name, int(status.get("step", 0)), int(status.get("total", 0)), status.get("eta_s")
     )
+    if "trained" in status:
+        result.trained, result.skipped = int(status["trained"]), int(status.get("skipped", 0))
+    result.checkpoint = runs.last_checkpoint(run_dir)[0] is not None
     if "started" in status:
         result.elapsed_s = float(status.get("updated", time.time())) - float(status["started"])
     this_attempt = job is not None and float(status.get("updated", 0)) >= job.started - 1.0
@@ -121,19 +129,23 @@ STATE_TEXT = {
     "stopping": ("warn", "Stopping: a checkpoint is saved at the end of this step."),
     "finished": ("ok", "Finished. Compare the base and tuned model in the Compare tab, or export it."),
     "stopped": ("warn", "Stopped. Press Resume to continue from the last checkpoint."),
+    "stopped-early": ("warn", "Stopped before the first checkpoint was saved. Resume starts the run from the beginning."),
     "failed": ("error", "Failed. The run folder is kept: fix the cause, then press Resume (or start a new run)."),
     "interrupted": ("warn", "The training process is gone without finishing (the server or machine restarted?). Press Resume to continue."),
 }
 
 
 def status_html(state: TrainState) -> str:
-    kind, text = STATE_TEXT.get(state.state, ("info", state.state))
+    early = state.state == "stopped" and not state.checkpoint
+    kind, text = STATE_TEXT.get("stopped-early" if early else state.state, ("info", state.state))
     percent = 100.0 * state.step / state.total if state.total else 0.0
     if state.state == "finished":
         percent = 100.0
     name = f'<span class="run-name">{html.escape(state.run)}</span>' if state.run else ""
     steps = f"step <b>{state.step}</b> / {state.total or '?'}" if state.state != "none" else ""
     facts = [steps, f"elapsed {_duration(state.elapsed_s)}" if state.elapsed_s is not None else ""]
+    if state.trained is not None:
+        facts.append(f"trained on <b>{state.trained}</b> samples, {state.skipped} skipped")
     if state.state == "running" and state.eta_s is not None:
         facts.append(f"about {_duration(state.eta_s)} left")
     error = f'<pre class="run-error">{html.escape(state.error)}</pre>' if state.error else ""

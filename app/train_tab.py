@@ -13,38 +13,66 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
+import torch
 
-from app import run_config, run_view
+from app import datasets, lengths_view, run_config, run_view, uploads
 from app.common import AppContext, guarded, notice, run_dir
 from app.datasets import DataSelection
+from app.lengths_view import MAX_SKIPPED_SHARE, LengthCheck
 from app.run_config import SETTING_KEYS, SETTINGS
 from l2t import runs
 from l2t.config import ConfigError, list_presets, load_config
+from l2t.files import atomic_write_text
+from l2t.models import ModelError, approx_download_gb, download_plan, hub_cache, in_cache
 
 log = logging.getLogger("app.train")
 
 POLL_SECONDS = 1.0
 
 
+GPU_PRESET_GB = 1.0
+"""Presets whose estimated peak memory is above this are marked as needing a GPU (the tiny one trains on a CPU)."""
+
+
+def preset_needs(config) -> list[str]:
+    """What a preset needs beyond this machine's CPU: a download (how big) and a GPU (how much memory)."""
+    needs = []
+    if not in_cache(config):
+        size = approx_download_gb(config.model)
+        needs.append(f"download ~{size:.1f} GB" if size else "download")
+    if config.model.estimated_peak_gpu_gb >= GPU_PRESET_GB:
+        needs.append(f"GPU ~{config.model.estimated_peak_gpu_gb:g} GB")
+    return needs
+
+
 def preset_choices() -> list[tuple[str, str]]:
     choices = []
     for name in list_presets():
-        model = load_config(name).model
-        choices.append((f"{name} · {model.parameters} parameters" if model.parameters else name, name))
+        config = load_config(name)
+        parts = [name, f"{config.model.parameters} parameters" if config.model.parameters else "", *preset_needs(config)]
+        choices.append((" · ".join(p for p in parts if p), name))
     return choices
 
 
 def preset_card(preset: str) -> str:
-    model = load_config(preset).model
+    config = load_config(preset)
+    model = config.model
     if model.estimated_peak_gpu_gb:
         kind = "measured" if model.peak_gpu_gb_measured else "estimate"
         memory = f"~{model.estimated_peak_gpu_gb:g} GB GPU memory <span class='l2t-tag'>{kind}</span>"
     else:
         memory = "GPU memory: unknown"
+    notes = []
+    if not in_cache(config):
+        size = approx_download_gb(model)
+        notes.append(f"Not on this machine yet: Start downloads it{f' (about {size:.1f} GB)' if size else ''} into {hub_cache()}.")
+    if model.estimated_peak_gpu_gb >= GPU_PRESET_GB and not torch.cuda.is_available():
+        notes.append("No GPU here: this preset trains on the CPU only very slowly.")
+    shown = "".join(f'<div class="l2t-warn-line">{html.escape(note)}</div>' for note in notes)
     return (
         f'<div class="preset-card"><div><b>{html.escape(model.parameters or "?")}</b> parameters · {memory}</div>'
         f'<div class="l2t-hint">{html.escape(model.hub_id)} · {html.escape(model.model_class)} · '
-        f"{html.escape(model.quant)} · prompt format {html.escape(model.prompt_format)}</div></div>"
+        f"{html.escape(model.quant)} · prompt format {html.escape(model.prompt_format)}</div>{shown}</div>"
     )
 
 
@@ -59,10 +87,21 @@ def data_card(selection: DataSelection | None) -> str:
     return notice(selection.label + (f" ({', '.join(edits)})" if edits else ""), "ok", "Data:")
 
 
+def run_settings(preset: str, l2t_on, drop_templates, extra: str, selection: DataSelection | None, values) -> list[str]:
+    """The overrides of the form, plus a held-out split when the preset would hold out nothing from big enough data."""
+    settings = run_config.settings_overrides(preset, l2t_on, drop_templates, dict(zip(SETTING_KEYS, values, strict=True)), extra)
+    if selection is None or any(line.startswith("train.eval_fraction") for line in settings):
+        return settings
+    if not datasets.data_overrides(selection, preset, for_training=True):
+        return settings  # the preset's own data, with its own test split
+    inspection = datasets.inspect_data(selection, preset)
+    return run_config.held_out_overrides(len(inspection.samples), inspection.held_out) + settings
+
+
 def command_preview(context: AppContext, preset, l2t_on, drop_templates, extra, name, selection, *values) -> str:
     extra, name = extra or "", name or ""
     try:
-        settings = run_config.settings_overrides(preset, l2t_on, drop_templates, dict(zip(SETTING_KEYS, values, strict=True)), extra)
+        settings = run_settings(preset, l2t_on, drop_templates, extra, selection, values)
     except (ConfigError, ValueError, TypeError) as exc:
         return f"# not a valid setting yet: {exc}"
     except Exception:  # the preview follows every keystroke: log, never raise
@@ -73,19 +112,76 @@ def command_preview(context: AppContext, preset, l2t_on, drop_templates, extra, 
     return run_config.command_line(preset, selection, settings, output)
 
 
+def check_lengths(selection: DataSelection, preset: str, overrides: list[str], skip_long: bool) -> None:
+    """Refuse a run that would skip more than MAX_SKIPPED_SHARE of its samples for being too long, unless told to go on."""
+    try:
+        counts, config = datasets.token_counts(selection, preset, tuple(overrides))
+        check = LengthCheck(counts, config.train.max_length)
+    except ModelError:
+        return  # the tokenizer isn't here: the run itself says so
+    if check.share_over > MAX_SKIPPED_SHARE and not skip_long:
+        raise gr.Error(html.escape(lengths_view.refusal(check)), print_exception=False)
+
+
 @guarded
-def start(context: AppContext, preset, l2t_on, drop_templates, extra, name, selection, *values):
+def start(context: AppContext, preset, l2t_on, drop_templates, extra, name, selection, *rest):
+    """Start a run; returns (status, run name field, the command it runs), the command naming the folder actually used."""
+    *values, skip_long = rest
     if selection is None:
         raise gr.Error("Choose the training data in the Data tab first (or press “Use the demo data”).")
     context.jobs.check_free("train")
     extra, name = extra or "", name or ""
-    settings = run_config.settings_overrides(preset, l2t_on, drop_templates, dict(zip(SETTING_KEYS, values, strict=True)), extra)
+    settings = run_settings(preset, l2t_on, drop_templates, extra, selection, values)
+    overrides = run_config.run_overrides(preset, selection, settings)
+    download_plan(load_config(preset, overrides=overrides))  # a model that is neither here nor downloadable: say so now
+    check_lengths(selection, preset, overrides, skip_long)
     mode = run_config.loss_mode(l2t_on, drop_templates, load_config(preset).loss.mode)
     folder = run_dir(context, name.strip() or run_config.default_run_name(preset, mode))
     command = run_config.command_line(preset, selection, settings, folder)
-    run_config.start_training(context.jobs, folder, preset, run_config.run_overrides(preset, selection, settings), command)
+    run_config.start_training(context.jobs, folder, preset, overrides, command)
     log.info("training started: %s", folder)
-    return progress(context)[0], ""
+    return progress(context)[0], "", command
+
+
+def _form(form: run_config.Form) -> tuple:
+    """The fields a settings file fills: preset, its card, the two toggles, the numbers, the extra keys."""
+    return (form.preset, preset_card(form.preset), form.l2t_on, form.drop_templates, *form.values, form.extra)
+
+
+@guarded
+def load_settings(path: str | None):
+    if not path:
+        raise gr.Error("Choose a settings file (.yaml) first.")
+    form = run_config.form_from_yaml(Path(path).read_text(encoding="utf-8"), Path(path).name)
+    note = f"Settings read from {Path(path).name}."
+    if form.left_out:
+        note += f" Left out ({', '.join(form.left_out)}): the data and its templates are chosen in the Data tab."
+    return (*_form(form), notice(note, "ok"))
+
+
+@guarded
+def save_settings(context: AppContext, preset, l2t_on, drop_templates, extra, name, selection, *values) -> str:
+    """The form as a YAML file in the --config format, to download (and load again, here or with --config)."""
+    settings = run_settings(preset, l2t_on, drop_templates, extra or "", None, values)
+    folder = context.uploads_dir / "settings"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / uploads.stored_name(f"{(name or '').strip() or preset}-settings.yaml", "settings.yaml")  # a name, never a path
+    atomic_write_text(path, "# L2T Studio settings: python -m l2t.train --config THIS_FILE --data ...\n" + run_config.settings_yaml(preset, settings))
+    return str(path)
+
+
+def running_form(context: AppContext) -> tuple:
+    """After a reload: the form shows the settings of the training that runs (its launch.yaml), not the defaults."""
+    job = context.jobs.running("train")
+    launch = job.run_dir / runs.LAUNCH if job is not None else None
+    if launch is None or not launch.exists():
+        return tuple(gr.update() for _ in range(5 + len(SETTING_KEYS)))
+    try:
+        form = run_config.form_from_yaml(launch.read_text(encoding="utf-8"), str(launch))
+    except ConfigError as exc:
+        log.info("the running job's settings: %s", exc)
+        return tuple(gr.update() for _ in range(5 + len(SETTING_KEYS)))
+    return (*_form(form), job.run_dir.name)
 
 
 @guarded
@@ -177,7 +273,14 @@ def _settings_column(config, preset: gr.Dropdown) -> SimpleNamespace:
     with gr.Accordion("More config keys", open=False):
         extra = gr.Textbox(label="key=value, one per line", lines=3, placeholder="train.logging_steps=5\ntrain.warmup_ratio=0.1")
     name = gr.Textbox(label="Run name", placeholder="automatic: preset-mode-time", max_lines=1)
-    return SimpleNamespace(card=card, data=data, l2t=l2t, drop=drop, numbers=[numbers[k] for k in SETTING_KEYS], extra=extra, name=name)
+    skip_long = gr.Checkbox(
+        value=False,
+        label="Start anyway, skipping the long samples",
+        info=f"Start refuses a run that would skip more than {MAX_SKIPPED_SHARE:.0%} of the samples for exceeding Max length",
+    )
+    return SimpleNamespace(
+        card=card, data=data, l2t=l2t, drop=drop, numbers=[numbers[k] for k in SETTING_KEYS], extra=extra, name=name, skip_long=skip_long
+    )
 
 
 def _progress_column() -> SimpleNamespace:
@@ -198,8 +301,8 @@ def _progress_column() -> SimpleNamespace:
     return SimpleNamespace(status=status, plot=plot, logs=logs)
 
 
-def build_train_tab(context: AppContext, demo: gr.Blocks, preset: gr.Dropdown, selection: gr.State) -> None:
-    """The Train tab. Its progress comes from a timer and from the page load (a reload re-attaches)."""
+def build_train_tab(context: AppContext, demo: gr.Blocks, preset: gr.Dropdown, selection: gr.State) -> SimpleNamespace:
+    """The Train tab. Its progress comes from a timer and from the page load (a reload re-attaches). Returns its settings widgets."""
     config = load_config(preset.value)
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, elem_classes="l2t-card"):
@@ -209,6 +312,12 @@ def build_train_tab(context: AppContext, demo: gr.Blocks, preset: gr.Dropdown, s
                 start_button = gr.Button("Start training", variant="primary", elem_id="start-training")
                 stop_button = gr.Button("Stop", variant="stop")
                 resume_button = gr.Button("Resume")
+            with gr.Accordion("Save or load these settings (YAML, the --config format)", open=False):
+                with gr.Row():
+                    save_button = gr.Button("Save settings", elem_id="save-settings")
+                    saved = gr.File(label="Settings file", interactive=False, height=90)
+                load_file = gr.File(label="Load settings from a .yaml file", file_types=[".yaml", ".yml"], height=90)
+                settings_note = gr.HTML()
         with gr.Column(scale=6):
             view = _progress_column()
 
@@ -230,12 +339,28 @@ def build_train_tab(context: AppContext, demo: gr.Blocks, preset: gr.Dropdown, s
         api_visibility="private",
         show_progress="hidden",
     )
-    preset.change(preset_changed, preset, [settings.card, settings.l2t, settings.drop, *settings.numbers], api_visibility="private")
+    # .input, not .change: a preset set from a settings file or a running job keeps the file's values
+    preset.input(preset_changed, preset, [settings.card, settings.l2t, settings.drop, *settings.numbers], api_visibility="private")
+    form = [preset, settings.card, settings.l2t, settings.drop, *settings.numbers, settings.extra]
+    load_file.upload(load_settings, load_file, [*form, settings_note], api_name="load_settings")
+    save_button.click(lambda *args: save_settings(context, *args), inputs, saved, api_name="save_settings")
+    demo.load(lambda: running_form(context), None, [*form, settings.name], api_name="running_settings", show_progress="hidden")
     selection.change(data_card, selection, settings.data, api_visibility="private")
-    start_button.click(start_clicked, inputs, [view.status, settings.name], api_name="start_training")
+    start_button.click(start_clicked, [*inputs, settings.skip_long], [view.status, settings.name, command], api_name="start_training")
     stop_button.click(lambda: stop(context), None, view.status, api_name="stop_training")
     resume_button.click(lambda: resume(context), None, view.status, api_name="resume_training")
+    finished = gr.State("")
+    """The name of the shown run once it has finished: the Compare and Export tabs refresh their run lists when it changes."""
+
+    def poll():
+        status, frame, tail = progress(context)
+        folder = shown_run(context)
+        done = folder.name if folder is not None and 'data-state="finished"' in status else ""
+        return status, frame, tail, done
+
     timer = gr.Timer(POLL_SECONDS)
-    timer.tick(lambda: progress(context), None, shown, api_name="train_progress", show_progress="hidden", concurrency_limit=None)
+    timer.tick(poll, None, [*shown, finished], api_name="train_progress", show_progress="hidden", concurrency_limit=None)
+    settings.finished = finished
     demo.load(lambda: progress(context), None, shown, api_visibility="private", show_progress="hidden")
     demo.load(preview_command, inputs, command, api_visibility="private", show_progress="hidden")
+    return settings

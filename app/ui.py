@@ -1,4 +1,4 @@
-"""The page: header, the four tabs, theme and styles, and how it is served.
+"""The page: header, the six tabs, theme and styles, and how it is served.
 
 Each tab is built by its own module; this one only lays them out and wires
 what they share: the preset dropdown (shown in the Train tab, also used by
@@ -12,12 +12,15 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.chat_tab import build_chat_tab
 from app.common import AppContext
 from app.compare_tab import build_compare_tab
 from app.data_tab import build_data_tab
 from app.export_tab import build_export_tab
 from app.jobs import JobManager
 from app.mask_view import MASK_CSS
+from app.run_config import SETTING_KEYS
+from app.runs_tab import build_runs_tab
 from app.train_tab import build_train_tab, preset_choices
 from app.uploads import MAX_UPLOAD_BYTES
 from l2t.config import Config
@@ -72,6 +75,7 @@ CSS = (
 .l2t-report { width: 100%; margin-top: 8px; font-size: 13px; border-collapse: collapse; }
 .l2t-report th, .l2t-report td { text-align: left; vertical-align: top; padding: 6px 8px; border-bottom: 1px solid var(--border-color-primary); }
 .l2t-report ul { margin: 4px 0 0 16px; padding: 0; }
+.l2t-warn-line { color: #92400e; font-size: 13px; margin-top: 2px; }
 .preset-card { padding: 8px 12px; margin: -4px 0 4px; border-radius: 10px; background: var(--background-fill-secondary); font-size: 14px; }
 .conv { font-size: 13.5px; }
 .conv-id { color: var(--body-text-color-subdued); font-size: 12px; margin-bottom: 4px; }
@@ -121,27 +125,37 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="cyan", neutral_hue="
 
 
 def create(
-    runs_dir: str | Path = "runs", uploads_dir: str | Path = "uploads", allow_server_paths: bool = True
+    runs_dir: str | Path = "runs",
+    uploads_dir: str | Path = "uploads",
+    allow_server_paths: bool = True,
+    data_roots: list[str | Path] = (),
 ) -> tuple[gr.Blocks, AppContext]:
-    """The app and its server-side context (folders and jobs)."""
+    """The app and its server-side context (folders and jobs); server paths are read in the working folder and `data_roots`."""
     runs_path, uploads_path = Path(runs_dir).resolve(), Path(uploads_dir).resolve()
     runs_path.mkdir(parents=True, exist_ok=True)
     uploads_path.mkdir(parents=True, exist_ok=True)
-    context = AppContext(runs_path, uploads_path, JobManager(), allow_server_paths)
+    roots = (Path.cwd().resolve(), *(Path(root).expanduser().resolve() for root in data_roots))
+    context = AppContext(runs_path, uploads_path, JobManager(), allow_server_paths, roots)
     context.jobs.adopt_training(runs_path)
     with gr.Blocks(title="L2T Studio", delete_cache=(3600, 24 * 3600)) as demo:
         gr.HTML(HEADER_TEMPLATE.replace("{device}", html.escape(device_label())))
         preset = gr.Dropdown(preset_choices(), value=Config().preset, label="Model preset", render=False, elem_id="preset")
         selection = gr.State(None)
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("1 · Data", id="data"):
-                build_data_tab(context, preset, selection)
+                length_fix = build_data_tab(context, preset, selection)
             with gr.Tab("2 · Train", id="train"):
-                build_train_tab(context, demo, preset, selection)
-            with gr.Tab("3 · Compare", id="compare"):
-                build_compare_tab(context, demo)
-            with gr.Tab("4 · Export", id="export"):
-                build_export_tab(context, demo)
+                settings = build_train_tab(context, demo, preset, selection)
+            with gr.Tab("3 · Compare", id="compare") as compare_tab:
+                compare = build_compare_tab(context, demo, [compare_tab.select, settings.finished.change])
+            with gr.Tab("4 · Chat", id="chat") as chat_tab:
+                build_chat_tab(context, demo, [chat_tab.select, settings.finished.change])
+            with gr.Tab("5 · Export", id="export") as export_tab:
+                build_export_tab(context, demo, [export_tab.select, settings.finished.change])
+            with gr.Tab("6 · Runs", id="runs") as runs_tab:
+                build_runs_tab(context, demo, runs_tab, tabs, compare)
+        max_length = settings.numbers[SETTING_KEYS.index("train.max_length")]
+        length_fix.fix.click(lambda needed: needed, length_fix.needed, max_length, api_visibility="private")
     return demo, context
 
 

@@ -1,12 +1,17 @@
-"""Uploads, stored safely: one folder per browser session inside --uploads-dir.
+"""Uploads, stored safely, and the server paths a browser may name.
 
-A data file is copied in under a fixed name (`data.json` / `data.jsonl`); an
-image archive is copied in as `images.zip` and only kept if it passes
+An upload goes to its own folder inside --uploads-dir (one per browser session).
+A data file is copied in under its own name, reduced to safe characters (so
+messages name the file as the user did); an image archive likewise, and it is
+only kept if it passes
 `l2t.images.check_archive` (no absolute paths, no `..`, no symlinks) and the
 UI's own, tighter caps on member count and uncompressed size (zip bombs).
 Archives are never extracted: `l2t.images.ImageSource` reads members in place
 and checks each image's pixel count before decoding it. Nothing is written
 outside the session folder, whatever the uploaded file is called.
+
+Paths on the server are read only inside the allowed roots (the working folder
+and each --data-root), after symlinks are resolved.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ def store_data_file(source: str | Path, folder: Path, max_bytes: int = MAX_UPLOA
     if suffix not in DATA_SUFFIXES:
         raise UploadError("upload_wrong_type", f"'{source.name}' is not a .json or .jsonl data file")
     _check_size(source, max_bytes)
-    target = folder / f"data{suffix}"
+    target = folder / stored_name(source.name, "data" + suffix)
     shutil.copyfile(source, target)
     return target
 
@@ -75,7 +80,7 @@ def store_archive(
     max_uncompressed: int = MAX_UNCOMPRESSED_BYTES,
     max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> Path:
-    """Check an uploaded image .zip and copy it into `folder` as images.zip; UploadError if refused."""
+    """Check an uploaded image .zip and copy it into `folder`; UploadError if refused."""
     source = Path(source)
     name = source.name
     _check_size(source, max_bytes)
@@ -101,9 +106,29 @@ def store_archive(
                 f"'{name}': member '{largest.filename}' would unpack to {largest.file_size / 1024**2:,.0f} MiB, "
                 f"more than the limit of {max_member_bytes / 1024**2:,.0f} MiB for one image",
             )
-    target = folder / "images.zip"
+    target = folder / stored_name(name, "images.zip")
+    if not target.name.lower().endswith(".zip"):
+        target = target.with_name(target.name + ".zip")
     shutil.copyfile(source, target)
     return target
+
+
+def stored_name(name: str, fallback: str) -> str:
+    """An uploaded file's name with only safe characters (never a path, never hidden)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".")
+    return safe or fallback
+
+
+def allowed_server_path(text: str, roots: list[Path]) -> Path:
+    """The path `text` names on the server, symlinks resolved, if it lies inside one of `roots`; UploadError otherwise."""
+    path = Path(text).expanduser().resolve()
+    if not any(path.is_relative_to(root.resolve()) for root in roots):
+        shown = ", ".join(str(root) for root in roots)
+        raise UploadError(
+            "path_not_allowed",
+            f"'{text}' is outside the folders this server reads data from ({shown}); start the app with --data-root FOLDER to allow another",
+        )
+    return path
 
 
 def _check_size(source: Path, max_bytes: int) -> None:

@@ -160,6 +160,23 @@ def caption_pair(model, encoder: Encoder, image, prompt: str, max_new_tokens: in
     return before[0], after[0]
 
 
+def chat_turn(history: list[dict], question: str, with_image: bool) -> list[dict]:
+    """The messages of a conversation's next turn: the earlier turns, then `question`; the image goes first in the first turn."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in history] + [{"role": "user", "content": question}]
+    if with_image:
+        messages[0] = {"role": messages[0]["role"], "content": chat.IMAGE + messages[0]["content"]}
+    return messages
+
+
+def chat_pair(model, encoder: Encoder, base_history: list[dict], tuned_history: list[dict], question: str, image=None) -> tuple[str, str]:
+    """The base and the tuned model's next answers, each in its own conversation (its own earlier answers)."""
+    images = [image] if image is not None else []
+    with base_model_context(model):
+        base = generate(model, encoder, [(chat_turn(base_history, question, image is not None), images)])[0]
+    tuned = generate(model, encoder, [(chat_turn(tuned_history, question, image is not None), images)])[0]
+    return base, tuned
+
+
 # ---------------------------------------------------------------- teacher-forced passes
 
 

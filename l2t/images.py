@@ -80,6 +80,10 @@ class ImageSource:
         self.max_pixels = max_pixels
         self._zip: zipfile.ZipFile | None = None
         self._members: dict[str, zipfile.ZipInfo] = {}
+        self.top_folder = ""
+        """The one folder every member of a .zip sits in (the image folder zipped itself, not its contents)."""
+        self.read_from_top_folder = 0
+        """How many images were found only inside `top_folder`: their paths in the data omit it."""
         if self.root.is_file():
             try:
                 self._zip = zipfile.ZipFile(self.root)
@@ -87,6 +91,9 @@ class ImageSource:
                 raise ImageError("archive_corrupt", f"{self.root}: not a readable .zip archive ({exc})") from None
             check_archive(self._zip, str(self.root))
             self._members = {str(safe_relative(i.filename)): i for i in self._zip.infolist() if not i.is_dir()}
+            tops = {name.split("/", 1)[0] for name in self._members}
+            nested = len(tops) == 1 and all("/" in name for name in self._members)
+            self.top_folder = tops.pop() if nested else ""
         elif not self.root.is_dir():
             raise ImageError("image_root_missing", f"image folder or archive '{self.root}' does not exist")
 
@@ -96,6 +103,9 @@ class ImageSource:
     def _read(self, rel: PurePosixPath, original: str) -> bytes:
         if self._zip is not None:
             info = self._members.get(str(rel))
+            if info is None and self.top_folder:
+                info = self._members.get(f"{self.top_folder}/{rel}")
+                self.read_from_top_folder += info is not None
             if info is None:
                 raise ImageError("image_missing", f"image '{original}' is not in archive {self.root.name}")
             if info.file_size == 0:

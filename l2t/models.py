@@ -60,41 +60,81 @@ MODEL_FILES = ("*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model")
 """What loading a model takes from its hub repository: configs, weights, tokenizer, processor, chat template."""
 
 
-def fetch_model(config: Config, weights: bool = True) -> None:
-    """Bring a hub model's files into the Hugging Face cache on its first use, saying how much.
+def download_plan(config: Config, weights: bool = True) -> list:
+    """The hub files a first use of the preset's model would download (empty: built-in, a local folder, or cached).
 
-    Nothing happens for a built-in model, a local folder, or a model already in the
-    cache. Otherwise the hub is asked for the files' sizes first, that total is printed,
-    and huggingface_hub shows the download's progress. Without `weights`, only what the
-    processor needs comes. When the hub can't be reached, the error names the preset, the
-    model and the cache folder to fill by hand.
+    Asks the hub only when the cache lacks the files. When the hub can't be reached,
+    the ModelError names the preset, the model and the cache folder to fill by hand.
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     hub_id = config.model.hub_id
     if hub_id in BUILTIN_MODELS or Path(hub_id).expanduser().is_dir():
-        return
-    patterns = [p for p in MODEL_FILES if weights or p != "*.safetensors"]
+        return []
+    patterns = _patterns(weights)
     try:
         cached = Path(snapshot_download(hub_id, allow_patterns=patterns, local_files_only=True))
         if not weights or any(cached.glob("*.safetensors")):
-            return
+            return []
     except HFValidationError:
-        return  # not a hub id (a folder that isn't there): loading says so
+        return []  # not a hub id (a folder that isn't there): loading says so
     except LocalEntryNotFoundError:
         pass
     try:
-        plan = snapshot_download(hub_id, allow_patterns=patterns, dry_run=True)
-        missing = [f for f in plan if f.will_download]
-        size = sum(f.file_size or 0 for f in missing)
-        print(f"preset {config.preset}: first use of {hub_id}: downloading {len(missing)} files, {size / 1e9:.2f} GB, into {hub_cache()}", flush=True)
-        snapshot_download(hub_id, allow_patterns=patterns)
+        return [f for f in snapshot_download(hub_id, allow_patterns=patterns, dry_run=True) if f.will_download]
     except GatedRepoError:
         raise ModelError(f"preset {config.preset}: {hub_id} is gated on the hub: accept its terms on huggingface.co and log in (hf auth login)") from None
     except RepositoryNotFoundError:
         raise ModelError(f"preset {config.preset}: the hub has no model '{hub_id}' (model.hub_id), or it is private: log in (hf auth login)") from None
-    except OSError as exc:  # no connection, offline mode, a download cut off (huggingface_hub's errors are OSErrors)
+    except OSError as exc:  # no connection, offline mode (huggingface_hub's errors are OSErrors)
+        raise ModelError(unreachable(config, exc)) from None
+
+
+def in_cache(config: Config) -> bool:
+    """Whether the preset's model is here without a download (built in, a local folder, or in the cache); never asks the hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    hub_id = config.model.hub_id
+    if hub_id in BUILTIN_MODELS or Path(hub_id).expanduser().is_dir():
+        return True
+    try:
+        return any(Path(snapshot_download(hub_id, allow_patterns=_patterns(True), local_files_only=True)).glob("*.safetensors"))
+    except (HFValidationError, LocalEntryNotFoundError):
+        return False
+
+
+def approx_download_gb(model: ModelConfig) -> float | None:
+    """The size of a model's weights at 2 bytes per parameter (bf16), from `model.parameters` ("7B", "256M"); None if unknown."""
+    found = re.fullmatch(r"\s*([\d.]+)\s*([MB])\s*", model.parameters or "")
+    if not found:
+        return None
+    return float(found.group(1)) * (1e6 if found.group(2) == "M" else 1e9) * 2 / 1e9
+
+
+def _patterns(weights: bool) -> list[str]:
+    return [p for p in MODEL_FILES if weights or p != "*.safetensors"]
+
+
+def fetch_model(config: Config, weights: bool = True) -> None:
+    """Bring a hub model's files into the Hugging Face cache on its first use, saying how much.
+
+    Nothing happens for a built-in model, a local folder, or a model already in the
+    cache (`download_plan`). Otherwise the total size is printed, and huggingface_hub
+    shows the download's progress. Without `weights`, only what the processor needs comes.
+    """
+    from huggingface_hub import snapshot_download
+
+    missing = download_plan(config, weights)
+    if not missing:
+        return
+    size = sum(f.file_size or 0 for f in missing)
+    hub_id = config.model.hub_id
+    print(f"preset {config.preset}: first use of {hub_id}: downloading {len(missing)} files, {size / 1e9:.2f} GB, into {hub_cache()}", flush=True)
+    try:
+        snapshot_download(hub_id, allow_patterns=_patterns(weights))
+    except OSError as exc:  # a download cut off
         raise ModelError(unreachable(config, exc)) from None
 
 

@@ -10,6 +10,9 @@ same config trains with.
   `train.eval_max_samples`) is held out, chosen with `train.seed`.
 - Task templates are mined from the training split only, with the config's
   `templates` settings and the user's additions and removals.
+- `token_lengths` counts each sample's tokens, image tokens included, as
+  training encodes it: training drops the samples over `train.max_length`,
+  and the UI shows and checks the same counts before a run starts.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from l2t.config import Config, ConfigError
 from l2t.data import DataReport, Sample, load_samples
 from l2t.images import ImageError, ImageSource
+from l2t.masking import Encoded, Encoder
 from l2t.synthetic import bundled_dir
 from l2t.templates import TaskTemplate, mine_with_settings
 
@@ -72,6 +76,22 @@ def prepare_data(config: Config) -> PreparedData:
         train, held_out = split_held_out(samples, config.train.eval_fraction, config.train.eval_max_samples, config.train.seed)
     templates = mine_with_settings([s.instructions() for s in train], config.templates)
     return PreparedData(train, held_out, images, report, templates)
+
+
+def unique_names(ids: list[str]) -> list[str]:
+    """Sample ids made unique (data files may repeat an id): the 2nd "x" becomes "x (2)"."""
+    seen: dict[str, int] = {}
+    names = []
+    for sample_id in ids:
+        seen[sample_id] = seen.get(sample_id, 0) + 1
+        names.append(sample_id if seen[sample_id] == 1 else f"{sample_id} ({seen[sample_id]})")
+    return names
+
+
+def token_lengths(samples: list[Sample], encoder: Encoder) -> tuple[list[Encoded], dict[str, int]]:
+    """The samples encoded as training encodes them, and each one's token count (image tokens included) by unique name."""
+    encoded = encoder.encode_many([(s.messages, s.image_sizes) for s in samples])
+    return encoded, dict(zip(unique_names([s.id for s in samples]), (len(e) for e in encoded), strict=True))
 
 
 def held_out_records(samples: list[Sample]) -> list[dict]:

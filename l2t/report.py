@@ -137,6 +137,14 @@ def _png_bytes(fig) -> bytes:
     return buffer.getvalue()
 
 
+def axis_limits(row: Row, values: list[float | None]) -> tuple[float, float] | None:
+    """The y axis of a metric's panel: the metric's own range, never the data's (a BLEU of 3e-14 is a bar of nothing)."""
+    if row.limits is None:
+        return None
+    low, high = row.limits
+    return low, high if high is not None else max([1.0, *(v for v in values if v is not None)]) * 1.15
+
+
 def metrics_chart(report: dict) -> bytes:
     """One panel per metric, one bar per model, on the metric's own axis; the baseline as a dashed line."""
     import matplotlib
@@ -156,10 +164,9 @@ def metrics_chart(report: dict) -> bytes:
         ax.bar_label(bars, labels=[format_number(v) for v in values], fontsize=7)
         ax.set_title(row.label.strip().split(" (")[0], fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
-        if row.limits is not None:
-            low, high = row.limits
-            present = [v for v in values if v is not None]
-            ax.set_ylim(low, high if high is not None else max([1.0, *present]) * 1.15)
+        limits = axis_limits(row, values)
+        if limits is not None:
+            ax.set_ylim(*limits)
         baseline = _baseline(report, row)
         if baseline is not None:
             ax.axhline(baseline, color="gray", linestyle="--", linewidth=1)

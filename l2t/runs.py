@@ -98,6 +98,27 @@ def write_status(run_dir: Path, state: str, **extra) -> None:
     atomic_write_json(Path(run_dir) / STATUS, {"state": state, "pid": os.getpid(), "updated": time.time(), **extra})
 
 
+def summary(run_dir: Path) -> dict:
+    """What a list of runs shows of one: preset, loss mode, status, last logged losses, its own evaluation metrics."""
+    run_dir = Path(run_dir)
+    try:
+        config = read_yaml(run_dir / CONFIG) if (run_dir / CONFIG).exists() else read_yaml(run_dir / LAUNCH)
+    except (ConfigError, OSError):
+        config = {}
+    losses: dict = {}
+    for row in read_metrics(run_dir):
+        losses.update({key: row[key] for key in ("instruction_loss", "response_loss") if key in row})
+    metrics: dict = {}
+    try:
+        report = read_json(run_dir / EVAL / EVAL_REPORT)
+        own = [m for m in report.get("models", []) if m.get("run_dir") == str(run_dir.resolve())]
+        metrics = own[0].get("metrics", {}) if own else {}
+    except (OSError, ValueError, AttributeError):
+        pass
+    loss = config.get("loss") if isinstance(config.get("loss"), dict) else {}
+    return {"preset": config.get("preset", ""), "loss_mode": loss.get("mode", ""), "status": read_status(run_dir), "losses": losses, "metrics": metrics}
+
+
 # ---------------------------------------------------------------- checkpoints and the adapter
 
 

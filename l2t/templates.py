@@ -198,6 +198,15 @@ def apply_edits(
     return sorted(by_sentence.values(), key=_rank)
 
 
+def samples_with(sentences: Iterable[str], instructions: Iterable[list[str]]) -> dict[str, int]:
+    """In how many samples each of `sentences` occurs (as a whole sentence, as mining counts them)."""
+    wanted = {normalize_sentence(s) for s in sentences}
+    if not wanted:
+        return {}
+    counts, _ = _count_sentences(instructions)
+    return {sentence: counts.get(sentence, 0) for sentence in wanted}
+
+
 def mine_with_settings(instructions: Iterable[list[str]], settings) -> list[TaskTemplate]:
     """Mine with a run's `templates` settings: the thresholds, then the user's add/remove edits."""
     mined = mine_templates(instructions, settings.min_fraction, settings.min_count, settings.top_k, settings.min_words)

@@ -37,7 +37,7 @@ from l2t.files import atomic_write_bytes, atomic_write_json
 from l2t.generation import pad_token_id
 from l2t.masking import IGNORE, Encoded, Encoder
 from l2t.models import ModelError, add_lora, compute_dtype, fetch_model, load_base_model, load_processor, source
-from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data
+from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data, token_lengths
 from l2t.report import markdown_table
 from l2t.templates import TaskTemplate, save_templates
 from l2t.trainer import L2TTrainer, RunFolderCallback, StopOnSignal, is_main_process
@@ -90,7 +90,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         return run_dir
     if is_main_process() and data.held_out and config.train.preview_samples > 0:
         evaluate_held_out(run_dir, model, encoder, data, config.train.preview_samples)
-    folder.status("finished", step=step, total=total)
+    skipped = data.report.total - data.report.ok + len(encoded) - len(examples)  # bad, too long, or nothing to learn
+    folder.status("finished", step=step, total=total, trained=len(examples), skipped=skipped)
     say(f"done. run folder: {run_dir}  (adapter: {run_dir / runs.ADAPTER})")
     return run_dir
 
@@ -128,21 +129,11 @@ def print_templates(templates: list[TaskTemplate], mode: str) -> None:
         say(f"  {t.count:>7}  {t.fraction:6.1%}  {t.sentence}")
 
 
-def unique_names(ids: list[str]) -> list[str]:
-    """Sample ids made unique (data files may repeat an id): the 2nd "x" becomes "x (2)"."""
-    seen: dict[str, int] = {}
-    names = []
-    for sample_id in ids:
-        seen[sample_id] = seen.get(sample_id, 0) + 1
-        names.append(sample_id if seen[sample_id] == 1 else f"{sample_id} ({seen[sample_id]})")
-    return names
-
-
 def encode_data(config: Config, data: PreparedData, encoder: Encoder) -> list[tuple[Sample, Encoded]]:
     """The training samples as token ids with a role each; samples over train.max_length are dropped and counted."""
-    encoded = list(zip(data.train, encoder.encode_many([(s.messages, s.image_sizes) for s in data.train]), strict=True))
-    names = unique_names([sample.id for sample, _ in encoded])
-    too_long = check_lengths(dict(zip(names, (len(e) for _, e in encoded))), config.train.max_length, data.report)
+    tokens, lengths = token_lengths(data.train, encoder)
+    encoded, names = list(zip(data.train, tokens, strict=True)), list(lengths)
+    too_long = check_lengths(lengths, config.train.max_length, data.report)
     if too_long:
         say(f"{len(too_long)} sample(s) exceed train.max_length={config.train.max_length} with their image tokens and are skipped")
         if config.data.strict:

@@ -18,6 +18,7 @@ import struct
 import time
 import zipfile
 import zlib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -58,9 +59,9 @@ def ended(status_html: str) -> bool:
     return state_of(status_html) not in ("preparing", "running", "stopping")
 
 
-def start_kwargs(client: Client, **by_label) -> dict:
-    """/start_training's arguments: every widget at its default, then the ones named by their label."""
-    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start_training"]["parameters"]
+def start_kwargs(client: Client, endpoint: str = "/start_training", **by_label) -> dict:
+    """An endpoint's arguments (/start_training's by default): every widget at its default, then the ones named by their label."""
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"][endpoint]["parameters"]
     kwargs = {p["parameter_name"]: p.get("parameter_default") for p in params}
     names = {p["label"]: p["parameter_name"] for p in params}
     return {**kwargs, **{names[label]: value for label, value in by_label.items()}}
@@ -134,7 +135,8 @@ def test_demo_data_report_and_mask(client):
     # An added sentence is masked like a mined one; it must be exactly one sentence.
     question = "Does the picture show a red triangle at the top?"
     rows, added, _ = client.predict(question, "tiny", 0, "l2t", api_name="/add_template")
-    assert [question, 0, "–", "added by you"] == rows["data"][-1][1:]
+    asked = sum(any(question in m["value"] for m in r["conversations"][::2]) for r in records)
+    assert asked > 0 and [question, asked, f"{asked / BUNDLED:.1%}", "added by you"] == rows["data"][-1][1:]
     assert "tok-task_template tok-out" in added
     with pytest.raises(AppError, match="exactly one sentence"):
         client.predict("Two sentences. Not one.", "tiny", 0, "l2t", api_name="/add_template")
@@ -146,7 +148,7 @@ def test_training_runs_in_a_subprocess_and_a_second_start_is_refused(app, client
     client.predict({"headers": templates["headers"], "data": rows}, "tiny", 0, "l2t", api_name="/edit_templates")
     client.predict("Does the picture show a red triangle at the top?", "tiny", 0, "l2t", api_name="/add_template")
     settings = {"Max steps (0: use epochs)": 30, "key=value, one per line": "train.preview_samples=0\ntrain.logging_steps=10"}
-    status, _ = client.predict(**start_kwargs(client, **settings, **{"Run name": "ui-run"}), api_name="/start_training")
+    status, _, _ = client.predict(**start_kwargs(client, **settings, **{"Run name": "ui-run"}), api_name="/start_training")
     assert state_of(status) in ("preparing", "running")
     # A second browser (a new session) sees the same job.
     other_session = Client(client.src, verbose=False, download_files=app.root / "downloads")
@@ -186,6 +188,34 @@ def test_export_merges_with_a_passing_parity_check(app, client, tuned_run):
     assert (merged / "config.json").exists() and any(merged.glob("*.safetensors"))
     archive = client.predict(tuned_run, api_name="/adapter_zip")
     assert f"{tuned_run}/adapter/adapter_config.json" in zipfile.ZipFile(archive).namelist()
+    merged_archive = client.predict(tuned_run, api_name="/merged_zip")
+    names = zipfile.ZipFile(merged_archive).namelist()
+    assert f"{tuned_run}-merged/config.json" in names and any(name.endswith(".safetensors") for name in names)
+
+
+def test_train_settings_are_saved_and_loaded_as_a_config_file(app, client, tmp_path):
+    settings = {"LoRA rank r": 8, "Max steps (0: use epochs)": 12, "L2T: learn from the instruction too": False,
+                "key=value, one per line": "train.logging_steps=3", "Run name": "../../saved"}  # fmt: skip
+    saved = client.predict(**start_kwargs(client, "/save_settings", **settings), api_name="/save_settings")
+    assert Path(saved).name == "saved-settings.yaml"
+    assert [p.name for p in app.root.rglob("*saved-settings.yaml") if p.parent.name == "settings"] == ["saved-settings.yaml"]
+    text = open(saved).read()
+    assert yaml.safe_load(text) == {"preset": "tiny", "loss": {"mode": "response"}, "lora": {"r": 8},
+                                    "train": {"max_steps": 12, "logging_steps": 3}}  # fmt: skip
+    from l2t.config import load_config
+
+    assert load_config("tiny", config_file=saved).lora.r == 8  # the same format as --config
+
+    edited = tmp_path / "mine.yaml"
+    edited.write_text(text + "data:\n  path: elsewhere.json\n")
+    preset, card, l2t_on, drop, *numbers, extra, note = client.predict(handle_file(str(edited)), api_name="/load_settings")
+    assert preset == "tiny" and l2t_on is False
+    assert numbers[2] == 8 and numbers[6] == 12 and extra == "train.logging_steps=3"
+    assert "data.path" in note and "Data tab" in note
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stepz: 3\n")
+    with pytest.raises(AppError, match="max_stepz"):
+        client.predict(handle_file(str(bad)), api_name="/load_settings")
 
 
 def test_zip_slip_is_rejected_and_nothing_is_written_outside(app, client, tmp_path):
@@ -195,8 +225,8 @@ def test_zip_slip_is_rejected_and_nothing_is_written_outside(app, client, tmp_pa
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("../evil.png", png_bytes())
     before = {p for p in app.root.rglob("*")}
-    with pytest.raises(AppError, match=r"'\.\./evil\.png' has an absolute path or '\.\.'"):
-        client.predict(handle_file(str(data)), handle_file(str(archive)), "tiny", "l2t", api_name="/load_upload")
+    report, *_ = client.predict(handle_file(str(data)), handle_file(str(archive)), "tiny", "l2t", api_name="/load_upload")
+    assert "&#x27;../evil.png&#x27; has an absolute path or &#x27;..&#x27;" in report and "l2t-error" in report
     created = {p for p in app.root.rglob("*")} - before
     uploads = app.context.uploads_dir
     assert all(p.is_relative_to(uploads) for p in created)
@@ -217,7 +247,7 @@ def test_bad_images_get_a_message_naming_the_sample(app, client, tuned_run, tmp_
     assert "1 of 3 samples usable" in report
     assert "image_unreadable" in report and "broken (line 2)" in report
     assert "image_too_large" in report and "huge (line 3)" in report
-    stored = list(app.context.uploads_dir.rglob("images.zip"))
+    stored = list(app.context.uploads_dir.rglob("*.zip"))
     assert len(stored) == 1 and stored[0].read_bytes() == archive.read_bytes()
 
     corrupt = tmp_path / "photo.png"
@@ -243,13 +273,17 @@ def test_upload_caps_refuse_zip_bombs(tmp_path):
     with pytest.raises(UploadError, match="members"):
         store_archive(archive, folder, max_members=10)
     assert not any(folder.iterdir())
-    assert store_archive(archive, folder) == folder / "images.zip"
+    assert store_archive(archive, folder) == folder / "bomb.zip"  # kept under its own name
 
 
 def test_stop_saves_a_checkpoint_and_resume_continues(app, client):
     use_demo_data(client)
     settings = {"Max steps (0: use epochs)": 100_000, "key=value, one per line": "train.preview_samples=0\ntrain.logging_steps=1"}
     client.predict(**start_kwargs(client, **settings, **{"Run name": "stop-run"}), api_name="/start_training")
+    # A reloaded page (a new session) shows the running job's settings, not the defaults.
+    form = Client(client.src, verbose=False, download_files=app.root / "downloads").predict(api_name="/running_settings")
+    assert form[0] == "tiny" and form[-1] == "stop-run"
+    assert 100_000 in form and "train.preview_samples=0\ntrain.logging_steps=1" in form
     poll_until(client, lambda s: state_of(s) == "running" or ended(s))
     client.predict(api_name="/stop_training")
     status, _, log = poll_until(client, ended)
@@ -268,17 +302,30 @@ def test_stop_saves_a_checkpoint_and_resume_continues(app, client):
 
 def test_a_crashed_training_shows_its_error_and_keeps_the_folder(app, client):
     use_demo_data(client)
-    kwargs = start_kwargs(client, **{"Run name": "broken-run", "key=value, one per line": f"model.hub_id={app.root / 'no-such-model'}"})
-    client.predict(**kwargs, api_name="/start_training")
+    # No run name: the time-stamped one is chosen once, and the command shown after Start names that folder.
+    kwargs = start_kwargs(client, **{"key=value, one per line": f"model.hub_id={app.root / 'no-such-model'}"})
+    _, _, command = client.predict(**kwargs, api_name="/start_training")
     status, _, log = poll_until(client, ended)
     assert state_of(status) == "failed"
     assert "cannot load the processor" in status and "no-such-model" in status
     assert "Traceback" not in status and "cannot load the processor" in log
-    run = app.context.runs_dir / "broken-run"
+    run = app.context.runs_dir / re.search(r'<span class="run-name">([^<]+)</span>', status).group(1)
+    assert f"--output {run}" in command
     assert (run / "launch.yaml").exists() and (run / "train.log").exists()
 
 
-def test_a_hub_preset_neither_cached_nor_reachable_names_the_model_and_the_cache(app, tmp_path, monkeypatch):
+def test_a_stop_while_preparing_does_not_promise_a_checkpoint(app, client):
+    use_demo_data(client)
+    client.predict(**start_kwargs(client, **{"Run name": "stopped-early"}), api_name="/start_training")
+    status = client.predict(api_name="/stop_training")
+    assert state_of(status) in ("stopping", "stopped")
+    status, _, log = poll_until(client, ended)
+    assert state_of(status) == "stopped", log
+    assert not (app.context.runs_dir / "stopped-early" / "checkpoints").exists()
+    assert "Resume starts the run from the beginning" in status and "last checkpoint" not in status
+
+
+def test_a_hub_preset_neither_cached_nor_reachable_names_the_model_and_the_cache(app):
     from l2t.models import hub_cache
 
     # The Data tab's mask preview loads the preset's tokenizer in the server, from the server's cache.
@@ -286,13 +333,19 @@ def test_a_hub_preset_neither_cached_nor_reachable_names_the_model_and_the_cache
     assert "l2t-warn" in mask and "needs the tokenizer of preset" in mask
     assert f"preset smolvlm-256m needs the model HuggingFaceTB/SmolVLM-256M-Instruct, which is not in the Hugging Face cache {hub_cache()}" in mask
 
-    # The Train tab's run starts `python -m l2t.train` with an empty cache of its own (offline: conftest).
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    # Start checks the cache (and the hub) before anything starts, and names the model and the cache folder.
     kwargs = start_kwargs(app.client, **{"Model preset": "smolvlm-256m", "Run name": "hub-run"})
-    app.client.predict(**kwargs, api_name="/start_training")
-    status, _, log = poll_until(app.client, ended)
-    assert state_of(status) == "failed", log
-    cache = tmp_path / "hf-home" / "hub"
-    assert f"preset smolvlm-256m needs the model HuggingFaceTB/SmolVLM-256M-Instruct, which is not in the Hugging Face cache {cache}" in status
-    assert f"run `hf download HuggingFaceTB/SmolVLM-256M-Instruct` and copy the folder models--HuggingFaceTB--SmolVLM-256M-Instruct it makes into {cache}" in status
-    assert "Traceback" not in log
+    with pytest.raises(AppError) as refused:
+        app.client.predict(**kwargs, api_name="/start_training")
+    message, cache = str(refused.value), hub_cache()
+    assert f"preset smolvlm-256m needs the model HuggingFaceTB/SmolVLM-256M-Instruct, which is not in the Hugging Face cache {cache}" in message
+    assert f"run `hf download HuggingFaceTB/SmolVLM-256M-Instruct` and copy the folder models--HuggingFaceTB--SmolVLM-256M-Instruct it makes into {cache}" in message
+    assert not (app.context.runs_dir / "hub-run").exists()
+
+
+def test_presets_say_what_they_need_beyond_this_machine(app):
+    dropdown = next(c for c in app.client.config["components"] if c["props"].get("elem_id") == "preset")
+    labels = {value: label for label, value in dropdown["props"]["choices"]}
+    assert labels["tiny"] == "tiny · 0.19M parameters"  # built in, trains on a CPU
+    assert labels["smolvlm-256m"] == "smolvlm-256m · 256M parameters · download ~0.5 GB · GPU ~6.9 GB"
+    assert labels["llava-1.5-7b"] == "llava-1.5-7b · 7B parameters · download ~14.0 GB · GPU ~10 GB"

@@ -31,3 +31,14 @@ def test_every_user_error_is_an_l2t_error_and_keeps_its_other_base(error, other_
 def test_a_user_error_is_one_line_and_exit_status_1(capsys):
     assert print_error(ConfigError("train.batch_size=0: must be at least 1")) == 1
     assert capsys.readouterr().err == "error: train.batch_size=0: must be at least 1\n"
+
+
+def test_importing_the_library_does_not_print_the_optional_kernel_notice():
+    import subprocess
+    import sys
+
+    code = "import l2t.models, peft, bitsandbytes, logging; logging.getLogger('bitsandbytes.backends.cpu.ops').warning('a real warning')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr
+    assert "a real warning" in done.stderr

@@ -969,7 +969,7 @@ def test_files_outside_the_runs_and_uploads_folders_are_refused(app, tmp_path):
     for api, data in [("check_image", ["mine", server_file]), ("load_upload", [server_file, None, "tiny", "l2t"])]:
         answer = call(api, data)
         assert "event: error" in answer and "not for the browser" not in answer, (api, answer)
-    for api, data in [("held_out_sample", ["../ui", 0]), ("adapter_zip", ["../../etc"]), ("compare", ["..", None, "Hi"])]:
+    for api, data in [("held_out_sample", ["../ui", 0, None]), ("adapter_zip", ["../../etc"]), ("compare", ["..", None, "Hi"])]:
         answer = call(api, data)
         assert "event: error" in answer and "is not a run name" in answer, (api, answer)
     assert snapshot(app.root) == before  # no copy of the secret anywhere under the app's folders
