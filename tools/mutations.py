@@ -46,7 +46,7 @@ QUANT_TESTS = (
     "tests/test_models.py::test_4bit_is_nf4_with_double_quantisation_in_the_compute_dtype",
     "tests/test_presets.py::test_qlora_on_meta_quantises_and_adapts_only_language_linears[tinyllava]",
 )
-BROWSER_TEST = "tests/test_browser.py::test_demo_data_training_and_comparison_in_the_browser"
+BROWSER_TEST = "tests/test_browser.py::test_demo_data_train_compare_chat_export_and_runs_in_the_browser"
 COMPARE_TEST = "tests/test_evaluate.py::test_compare_puts_every_run_in_one_table"
 README_COMPARE_TEST = "tests/test_readme.py::test_evaluate_and_merge_commands_run[python -m l2t.evaluate runs/tiny-l2t --compare runs/tiny-response]"
 REPORT_TEST = "tests/test_evaluate.py::test_report_files_have_every_number_and_one_gallery_row_per_sample"
