@@ -357,10 +357,21 @@ def yes_share(results: dict, setting: str, seeds: list[int]) -> str:
     return f"{summary['always_yes_accuracy']:.3f} of the yes/no questions are answered yes (always yes {summary['always_yes_accuracy']:.3f}, always no {summary['always_no_accuracy']:.3f})"
 
 
-def results_markdown(results: dict, bases: dict, seeds: list[int], settings: list[str], command: str, seconds: float) -> str:
+OWN_WORDS = ("<!-- a person's reading, written after the numbers: kept when the script writes this page again -->", "<!-- end of the person's reading -->")
+
+
+def own_words(page: Path) -> str:
+    """The part of an existing results page that a person wrote after reading the numbers (empty if none)."""
+    text = page.read_text(encoding="utf-8") if page.is_file() else ""
+    start, end = text.find(OWN_WORDS[0]), text.find(OWN_WORDS[1])
+    return text[start + len(OWN_WORDS[0]) : end].strip("\n") if 0 <= start < end else ""
+
+
+def results_markdown(results: dict, bases: dict, seeds: list[int], settings: list[str], command: str, kept: str = "") -> str:
     import torch
     import transformers
 
+    run_minutes = sum(summary["seconds"] for summary in results.values()) / 60
     lines = [
         "# Results: does L2T make the built-in model use the image more?",
         "",
@@ -369,6 +380,12 @@ def results_markdown(results: dict, bases: dict, seeds: list[int], settings: lis
         "```",
         command,
         "```",
+        "",
+        "## In short",
+        "",
+        OWN_WORDS[0],
+        kept or "(No reading written yet: it goes between these two markers.)",
+        OWN_WORDS[1],
         "",
         "## Hypotheses",
         "",
@@ -413,7 +430,7 @@ def results_markdown(results: dict, bases: dict, seeds: list[int], settings: lis
         "",
         f"Seeds {', '.join(map(str, seeds))}. Machine: {platform.machine()} CPU, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}. "
-        f"Wall time {seconds / 60:.1f} min.",
+        f"The {len(results)} runs took {run_minutes:.0f} min in all (each run's own time, summed; they ran --workers at a time).",
         "",
     ]
     return "\n".join(lines)
@@ -429,7 +446,6 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out_dir).resolve()
     command = "python bench/l2t_study.py " + shlex.join(sys.argv[1:])
-    started = time.perf_counter()
 
     jobs = [
         (setting, arm, seed, str(out))
@@ -457,7 +473,7 @@ def main() -> int:
         if not base_file.is_file():
             base_file.write_text(json.dumps(paper_base()))
         bases["paper"] = json.loads(base_file.read_text())
-    page = results_markdown(results, bases, args.seeds, args.settings, command, time.perf_counter() - started)
+    page = results_markdown(results, bases, args.seeds, args.settings, command, own_words(Path(args.results)))
     Path(args.results).write_text(page, encoding="utf-8")
     print(f"wrote {args.results}")
     return 0
