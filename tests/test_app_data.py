@@ -82,18 +82,30 @@ def test_server_paths_are_read_only_inside_the_allowed_folders(app, tmp_path, mo
     assert f"{BUNDLED} of {BUNDLED} samples usable" in report
 
 
-def test_ordinary_user_errors_print_no_traceback_on_the_server(app, capfd, tmp_path):
-    capfd.readouterr()
-    report, *_ = app.client.predict(None, None, "tiny", "l2t", api_name="/load_upload")
-    assert "Choose a data file" in report
-    report, *_ = app.client.predict(str(tmp_path / "nothing.json"), "", "tiny", "l2t", api_name="/load_server_paths")
-    assert "outside the folders" in report
-    with pytest.raises(AppError, match="No training is running"):
-        app.client.predict(api_name="/stop_training")
-    with pytest.raises(AppError, match="no run to resume"):
-        app.client.predict(api_name="/resume_training")
-    captured = capfd.readouterr()
-    assert "Traceback" not in captured.err + captured.out
+def test_ordinary_user_errors_print_no_traceback_on_the_server(capfd, tmp_path):
+    from conftest import free_port
+    from gradio_client import Client
+
+    from app.ui import create, serve
+
+    demo, context = create(tmp_path / "runs", tmp_path / "uploads")  # a server of its own: no run yet, nothing running
+    port = free_port()
+    serve(demo, context, port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=tmp_path / "downloads")
+        capfd.readouterr()
+        report, *_ = client.predict(None, None, "tiny", "l2t", api_name="/load_upload")
+        assert "Choose a data file" in report
+        report, *_ = client.predict(str(tmp_path / "nothing.json"), "", "tiny", "l2t", api_name="/load_server_paths")
+        assert "outside the folders" in report
+        with pytest.raises(AppError, match="No training is running"):
+            client.predict(api_name="/stop_training")
+        with pytest.raises(AppError, match="no run to resume"):
+            client.predict(api_name="/resume_training")
+        captured = capfd.readouterr()
+        assert "Traceback" not in captured.err + captured.out
+    finally:
+        demo.close()
 
 
 def long_record(sample_id: str, image: str) -> dict:
@@ -117,8 +129,22 @@ def long_data(tmp_path_factory):
     return data, archive
 
 
-def test_samples_over_max_length_are_shown_refused_at_start_and_counted_when_finished(app, long_data):
-    from test_app import ended, poll_until, start_kwargs, state_of
+@pytest.fixture(scope="module")
+def long_run(app, long_data):
+    """A finished UI run on long_data, started with "Start anyway" (the long samples skipped): (name, status, command)."""
+    from gradio_client import Client
+    from test_app import ended, poll_until, start_kwargs
+
+    client = Client(app.url, verbose=False, download_files=app.root / "downloads")  # a session of its own
+    client.predict(handle_file(str(long_data[0])), handle_file(str(long_data[1])), "tiny", "l2t", api_name="/load_upload")
+    settings = {"Run name": "long-run", "Max steps (0: use epochs)": 4, "Start anyway, skipping the long samples": True}
+    _, _, command = client.predict(**start_kwargs(client, **settings), api_name="/start_training")
+    status, _, log = poll_until(client, ended)
+    return "long-run", status, command, log
+
+
+def test_samples_over_max_length_are_shown_refused_at_start_and_counted_when_finished(app, long_data, long_run):
+    from test_app import start_kwargs, state_of
 
     report, *_ = upload(app, *long_data)
     assert "60 of 60 samples usable" in report  # valid samples; their length is the next check
@@ -134,24 +160,23 @@ def test_samples_over_max_length_are_shown_refused_at_start_and_counted_when_fin
     too_long = int(re.search(r"(\d+) of 57 training samples", str(refused.value)).group(1))  # 3 of the 60 are held out
     assert not (app.context.runs_dir / "too-long").exists()
 
-    settings = {"Run name": "long-run", "Max steps (0: use epochs)": 4, "Start anyway, skipping the long samples": True}
-    status, _, command = app.client.predict(**start_kwargs(app.client, **settings), api_name="/start_training")
+    # Started anyway, the long samples are skipped and the finished status counts them.
+    _, status, command, log = long_run
     assert "train.eval_fraction=0.05" in command  # a UI run of data this big holds out a split for Compare
-    status, _, log = poll_until(app.client, ended)
     assert state_of(status) == "finished", log
     assert f"trained on <b>{57 - too_long}</b> samples, {too_long} skipped" in status
 
 
-def test_compare_works_on_the_held_out_split_of_a_ui_run(app):
-    picture, prompt, reference = app.client.predict("long-run", api_name="/held_out_sample")
+def test_compare_works_on_the_held_out_split_of_a_ui_run(app, long_run):
+    picture, prompt, reference = app.client.predict(long_run[0], api_name="/held_out_sample")
     assert prompt.startswith("What is in the picture") or prompt.startswith("Describe everything")
     assert "reference answer" in reference
 
 
-def test_compare_takes_test_data_when_a_run_held_out_none(app, long_data, monkeypatch):
+def test_compare_takes_test_data_when_a_run_held_out_none(app, long_data, long_run, monkeypatch):
     from app.compare_tab import SERVER, UPLOAD
 
-    shutil.copytree(app.context.runs_dir / "long-run", app.context.runs_dir / "none-held", ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(app.context.runs_dir / long_run[0], app.context.runs_dir / "none-held", ignore=shutil.ignore_patterns("checkpoints"))
     (app.context.runs_dir / "none-held" / "held_out.json").write_text("[]")
     with pytest.raises(AppError, match="held out no samples to test on. Choose other test data") as refused:
         app.client.predict("none-held", api_name="/held_out_sample")
