@@ -14,6 +14,7 @@ from app.datasets import DataSelection
 from app.mask_view import legend_html
 from l2t.config import LOSS_MODES, load_config
 from l2t.models import ModelError
+from l2t.sources import is_dataset, is_hub_spec
 
 log = logging.getLogger("app.data")
 
@@ -70,12 +71,13 @@ def load_server_paths(context: AppContext, data_path: str, images_path: str, pre
         raise gr.Error("Reading files on the server is off for this public link (start the app with --auth to allow it).")
     data_path, images_path = (data_path or "").strip(), (images_path or "").strip()
     data = Path(data_path).expanduser()
-    if not data_path or not data.is_file():
-        raise gr.Error(f"No data file at '{data_path}'.")
+    if not data_path or not (data.is_file() or is_dataset(data)):
+        raise gr.Error(f"No data file, dataset folder, parquet/arrow file or hf: dataset at '{data_path}'.")
     images = Path(images_path).expanduser() if images_path else None
     if images is not None and not images.exists():
         raise gr.Error(f"No image folder or .zip at '{images_path}'.")
-    selection = DataSelection(str(data), str(data.resolve()), str(images.resolve()) if images else "")
+    resolved = data_path if is_hub_spec(data_path) else str(data.resolve())
+    selection = DataSelection(data_path if is_hub_spec(data_path) else str(data), resolved, str(images.resolve()) if images else "")
     return _shown(selection, preset, mode)
 
 
@@ -131,7 +133,10 @@ def _sources(context: AppContext) -> SimpleNamespace:
             images_zip = gr.File(label="Images: a .zip (paths in the data are relative to its root)", file_types=[".zip"], height=120)
             upload = gr.Button("Load the upload")
         with gr.Accordion("…or files on the server", open=False, visible=context.allow_server_paths):
-            server_data = gr.Textbox(label="Data file path", placeholder="/data/my_set/train.json")
+            server_data = gr.Textbox(
+                label="Data: a JSON/JSONL file, a save_to_disk folder, parquet/arrow files (or a glob), hf:<repo_id>[:config][@split]",
+                placeholder="/data/my_set/train.json",
+            )
             server_images = gr.Textbox(label="Image folder or .zip (default: the data file's folder)")
             server = gr.Button("Load from the server")
     return SimpleNamespace(

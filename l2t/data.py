@@ -29,11 +29,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from l2t import sources
 from l2t.chat import IMAGE
 from l2t.errors import L2TError, print_error
 from l2t.files import atomic_write_json
 from l2t.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource
 from l2t.masking import preview_sample
+from l2t.sources import SourceError
 
 ROLE_NAMES = {
     "human": "user", "user": "user",
@@ -309,6 +311,66 @@ def open_images(source: str | Path | ImageSource | None, data_path: Path, max_pi
     return ImageSource(Path(source) if source else Path(data_path).parent, max_pixels=max_pixels)
 
 
+def load_data(path, images=None, strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, check_images: bool = True):
+    """Read and check a data file or dataset: (samples, report, where their images are read from).
+
+    Bad samples are reported and skipped (or, strict, raise). The image source is an
+    `ImageSource`, a `DatasetImages` for a `datasets` source, or None when none opens.
+    """
+    spec = str(path)
+    report = DataReport(file=spec)
+    source = None
+    if sources.is_dataset(spec):
+        try:
+            records, source = sources.read_dataset(spec, images, max_pixels)
+        except SourceError as exc:
+            raise DataError(str(exc)) from None
+    else:
+        path = Path(path)
+        records = _read_records(path, report)
+        try:
+            source = open_images(images, path, max_pixels)
+        except ImageError as exc:
+            if any(isinstance(r, dict) and (r.get("image") or r.get("images")) for _, r in records):
+                raise DataError(f"{path}: [{exc.code}] {exc}") from None
+    samples = []
+    sizes: dict[str, tuple[int, int]] = {}  # shared images are checked once
+    for label, record in records:
+        report.total += 1
+        name = label
+        if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
+            name = f"{record['id']} ({label})"
+        try:
+            if isinstance(record, ImageError):
+                raise record
+            sample = parse_record(record, label)
+            if check_images and sample.images:
+                if source is None:
+                    raise _Bad("image_missing", "the image folder does not exist")
+                sample.image_sizes = [_size(source, p, sizes) for p in sample.images]
+        except _Bad as bad:
+            report.problems.append(Problem(spec, name, bad.code, str(bad)))
+            continue
+        except ImageError as exc:
+            report.problems.append(Problem(spec, name, exc.code, str(exc)))
+            continue
+        samples.append(sample)
+    report.ok = len(samples)
+    if strict and report.problems:
+        raise DataError(f"{spec}: {len(report.problems)} bad sample(s) (strict mode)\n" + report.summary(examples=len(report.problems)), report)
+    if not samples:
+        raise DataError(f"{spec}: no usable samples\n" + report.summary(), report)
+    return samples, report, source
+
+
+def _size(source, ref: str, sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    if ref.startswith(sources.EMBEDDED):
+        return source.size(ref)
+    if ref not in sizes:
+        sizes[ref] = source.size(ref)
+    return sizes[ref]
+
+
 def load_samples(
     path: str | Path,
     images: str | Path | ImageSource | None = None,
@@ -316,40 +378,8 @@ def load_samples(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     check_images: bool = True,
 ) -> tuple[list[Sample], DataReport]:
-    """Read and check a data file. Bad samples are reported and skipped (or, strict, raise)."""
-    path = Path(path)
-    report = DataReport(file=str(path))
-    records = _read_records(path, report)
-    source = None
-    try:
-        source = open_images(images, path, max_pixels)
-    except ImageError as exc:
-        if any(isinstance(r, dict) and (r.get("image") or r.get("images")) for _, r in records):
-            raise DataError(f"{path}: [{exc.code}] {exc}") from None
-    samples = []
-    for label, record in records:
-        report.total += 1
-        name = label
-        if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
-            name = f"{record['id']} ({label})"
-        try:
-            sample = parse_record(record, label)
-            if check_images and sample.images:
-                if source is None:
-                    raise _Bad("image_missing", "the image folder does not exist")
-                sample.image_sizes = [source.size(p) for p in sample.images]
-        except _Bad as bad:
-            report.problems.append(Problem(str(path), name, bad.code, str(bad)))
-            continue
-        except ImageError as exc:
-            report.problems.append(Problem(str(path), name, exc.code, str(exc)))
-            continue
-        samples.append(sample)
-    report.ok = len(samples)
-    if strict and report.problems:
-        raise DataError(f"{path}: {len(report.problems)} bad sample(s) (strict mode)\n" + report.summary(examples=len(report.problems)), report)
-    if not samples:
-        raise DataError(f"{path}: no usable samples\n" + report.summary(), report)
+    """Read and check a data file or dataset. Bad samples are reported and skipped (or, strict, raise)."""
+    samples, report, _ = load_data(path, images, strict, max_pixels, check_images)
     return samples, report
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from l2t.config import Config, ConfigError
-from l2t.data import DataReport, Sample, load_samples
+from l2t.data import DataReport, Sample, load_data, load_samples
 from l2t.images import ImageError, ImageSource
+from l2t.sources import DatasetImages, is_hub_spec
 from l2t.synthetic import bundled_dir
 from l2t.templates import TaskTemplate, mine_with_settings
 
@@ -29,7 +30,7 @@ from l2t.templates import TaskTemplate, mine_with_settings
 class PreparedData:
     train: list[Sample]
     held_out: list[Sample]
-    images: ImageSource | None
+    images: ImageSource | DatasetImages | None
     """Where the samples' images are read from (None for text-only data)."""
     report: DataReport
     templates: list[TaskTemplate]
@@ -43,7 +44,7 @@ def data_paths(config: Config) -> tuple[Path, Path | None, Path | None]:
     if config.preset == "tiny":
         root = bundled_dir()
         return root / "train.json", root, root / "test.json"
-    raise ConfigError("data.path is empty: give your training data with --data FILE (LLaVA or messages JSON/JSONL)")
+    raise ConfigError("data.path is empty: give your training data with --data FILE (LLaVA or messages JSON/JSONL, a save_to_disk folder, parquet/arrow files, hf:<repo_id>)")
 
 
 def split_held_out(samples: list[Sample], fraction: float, limit: int, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -60,11 +61,11 @@ def prepare_data(config: Config) -> PreparedData:
     path, image_root, held_out_path = data_paths(config)
     pixels = config.data.max_image_pixels
     try:  # opened once (a zip's index is checked once) and shared by every load below
-        source = ImageSource(image_root or path.parent, max_pixels=pixels)
+        source = ImageSource(image_root or path.parent, max_pixels=pixels) if image_root or not is_hub_spec(str(path)) else None
     except ImageError:
         source = None  # fine for text-only data; load_samples reports it if a sample needs an image
-    samples, report = load_samples(path, source or image_root, strict=config.data.strict, max_pixels=pixels)
-    images = source if any(s.images for s in samples) else None
+    samples, report, images = load_data(path, source or image_root, strict=config.data.strict, max_pixels=pixels)
+    images = images if any(s.images for s in samples) else None
     if held_out_path is not None:
         train = samples
         held_out, _ = load_samples(held_out_path, source or image_root, max_pixels=pixels)

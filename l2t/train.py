@@ -39,6 +39,7 @@ from l2t.masking import IGNORE, Encoded, Encoder
 from l2t.models import ModelError, add_lora, compute_dtype, fetch_model, load_base_model, load_processor, source
 from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data
 from l2t.report import markdown_table
+from l2t.sources import is_hub_spec
 from l2t.templates import TaskTemplate, save_templates
 from l2t.trainer import L2TTrainer, RunFolderCallback, StopOnSignal, is_main_process
 
@@ -182,7 +183,7 @@ def write_run_inputs(config: Config, run_dir: Path, data: PreparedData, checkpoi
     resolved = copy.deepcopy(config)
     resolved.output = str(run_dir)
     path, image_root, _ = data_paths(config)
-    resolved.data.path = str(path.resolve())
+    resolved.data.path = str(path) if is_hub_spec(str(path)) else str(path.resolve())
     resolved.data.images = str((image_root or path.parent).resolve())
     save_config(resolved, run_dir / runs.CONFIG)
     save_templates(run_dir / runs.TEMPLATES, data.templates, dict(config.templates.__dict__))

@@ -1,0 +1,244 @@
+"""Hugging Face `datasets` as a data source: rows of a dataset -> records `l2t.data` checks.
+
+    python -m l2t.data check data/shapes_hf                 # a folder written by Dataset.save_to_disk
+    python -m l2t.data check "data/part-*.parquet"          # parquet or arrow files, one or a glob
+    python -m l2t.train --preset tiny --data hf:org/name:config@train   # datasets.load_dataset
+
+A row is a record as in a JSON file: `messages` (role/content, content as text
+or parts) or `conversations` (LLaVA), and `images` / `image`. An image value may
+be a `datasets.Image` (embedded bytes or a path), a PIL image or a path string;
+paths are relative to the image root (`--images`), as in JSON. Embedded images
+stay in the memory-mapped Arrow data: a row names them `embedded:<row>:<k>` and
+`DatasetImages` reads their bytes when the image is opened.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image
+
+from l2t.errors import L2TError
+from l2t.images import ImageError, ImageSource, decode_image, to_rgb
+
+HUB_PREFIX = "hf:"
+EMBEDDED = "embedded:"
+DATASET_SUFFIXES = (".parquet", ".arrow")
+TURN_COLUMNS = ("messages", "conversations")
+IMAGE_COLUMNS = ("images", "image")
+ROWS_PER_READ = 1000
+
+
+class SourceError(L2TError):
+    """The dataset can't be opened or lacks what every row needs; `code` is a reason code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def is_hub_spec(spec: str) -> bool:
+    return str(spec).startswith(HUB_PREFIX)
+
+
+def is_dataset(spec: str | Path) -> bool:
+    """Whether `spec` names a `datasets` source rather than a JSON/JSONL file."""
+    text = str(spec)
+    if is_hub_spec(text) or text.lower().endswith(DATASET_SUFFIXES):
+        return True
+    path = Path(text)
+    return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """`hf:<repo_id>[:<config>][@<split>]` -> (repo id, config or None, split; default train)."""
+    body = spec[len(HUB_PREFIX) :]
+    body, _, split = body.partition("@")
+    repo, _, config = body.partition(":")
+    if not repo:
+        raise SourceError("file_unreadable", f"{spec}: no dataset named; write hf:<repo_id>[:<config>][@<split>]")
+    return repo, config or None, split or "train"
+
+
+def open_dataset(spec: str | Path):
+    """The source as one `datasets.Dataset` (memory-mapped Arrow); SourceError names what failed."""
+    import datasets
+
+    text = str(spec)
+    try:
+        if is_hub_spec(text):
+            repo, config, split = parse_hub_spec(text)
+            return datasets.load_dataset(repo, config, split=split)
+        path = Path(text)
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
+            return loaded
+        files = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        if not files:
+            raise SourceError("file_unreadable", f"{text}: no file matches")
+        for file in files:
+            _check_file(Path(file))
+        if files[0].lower().endswith(".arrow"):
+            return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
+        return datasets.Dataset.from_parquet(files)
+    except SourceError:
+        raise
+    except Exception as exc:  # datasets and pyarrow raise many kinds; the user needs the file and the reason
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError("file_unreadable", f"{text}: [file_unreadable] cannot read the dataset ({type(exc).__name__}: {reason})") from None
+
+
+def _check_file(path: Path) -> None:
+    """A clear error for a missing or corrupt parquet/arrow file, naming it, before datasets reads it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise SourceError("file_unreadable", f"{path}: [file_unreadable] no such file")
+    try:
+        if path.suffix.lower() == ".parquet":
+            pq.ParquetFile(path).schema_arrow  # noqa: B018  (reads the footer)
+        else:
+            with pa.memory_map(str(path)) as stream:
+                pa.ipc.open_stream(stream).schema  # noqa: B018
+    except (pa.ArrowException, OSError) as exc:
+        kind = path.suffix.lower().lstrip(".")
+        raise SourceError("file_unreadable", f"{path}: [file_unreadable] not a readable {kind} file ({exc})") from None
+
+
+def turn_and_image_columns(dataset, spec: str) -> tuple[str, str | None]:
+    names = dataset.column_names
+    turns = next((c for c in TURN_COLUMNS if c in names), None)
+    if turns is None:
+        raise SourceError("missing_field", f"{spec}: [missing_field] no 'messages' or 'conversations' column (columns: {', '.join(names)})")
+    return turns, next((c for c in IMAGE_COLUMNS if c in names), None)
+
+
+def raw_images(dataset, column: str | None):
+    """The dataset with image columns undecoded: {"bytes", "path"} per image instead of PIL objects."""
+    import datasets
+
+    if column is None:
+        return dataset
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image):
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.Image):
+        return dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    return dataset
+
+
+def rows(dataset) -> Iterator[tuple[int, dict]]:
+    """(row number, record) for every row, read a batch at a time from the Arrow data."""
+    row = 0
+    for table in dataset.with_format("arrow").iter(batch_size=ROWS_PER_READ):
+        for record in table.to_pylist():
+            yield row, record
+            row += 1
+
+
+def image_refs(value, row: int) -> list[str]:
+    """A row's image value as references: paths as written, embedded images as `embedded:<row>:<k>`."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    refs = []
+    for k, item in enumerate(values):
+        if isinstance(item, str):
+            refs.append(item)
+        elif isinstance(item, dict) and item.get("bytes"):
+            refs.append(f"{EMBEDDED}{row}:{k}")
+        elif isinstance(item, dict) and isinstance(item.get("path"), str):
+            refs.append(item["path"])
+        elif isinstance(item, Image.Image):
+            refs.append(f"{EMBEDDED}{row}:{k}")
+        else:
+            shown = type(item).__name__ if not isinstance(item, (int, float, bool)) else repr(item)
+            raise ImageError("wrong_type", f"image {k} is {shown}, not an image (datasets.Image, PIL image or path string)")
+    return refs
+
+
+def _jsonable(value) -> bool:
+    """Whether an extra column's value can go into held_out.json (bytes and images can't)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def read_dataset(spec: str, images, max_pixels: int) -> tuple[Iterator[tuple[str, object]], DatasetImages]:
+    """(label, record) per row, image values turned into references, and where the images are read.
+
+    A row whose image value is not an image gives (label, ImageError) in place of its record.
+    """
+    dataset = open_dataset(spec)
+    turns, column = turn_and_image_columns(dataset, spec)
+    dataset = raw_images(dataset, column)
+    files = None
+    if isinstance(images, ImageSource):
+        files = images
+    elif images or not is_hub_spec(spec):
+        try:  # a missing root is fine while every image is embedded; a row with a path says so
+            files = ImageSource(Path(images) if images else Path(spec).parent, max_pixels=max_pixels)
+        except ImageError:
+            files = None
+    target = "images" if turns == "messages" else "image"
+
+    def records():
+        for row, record in rows(dataset):
+            try:
+                refs = image_refs(record.pop(column, None), row) if column else []
+            except ImageError as exc:
+                yield f"row {row}", exc
+                continue
+            record = {k: v for k, v in record.items() if k in (turns, "id") or _jsonable(v)}
+            if refs:
+                record[target] = refs
+            yield f"row {row}", record
+
+    return records(), DatasetImages(dataset, column, files, max_pixels)
+
+
+class DatasetImages:
+    """A dataset's images: embedded ones read from its Arrow data by row, paths from an image root."""
+
+    def __init__(self, dataset, column: str | None, files: ImageSource | None, max_pixels: int):
+        self.dataset = dataset.with_format("arrow")
+        self.column = column
+        self.files = files
+        self.max_pixels = max_pixels
+
+    def __repr__(self) -> str:
+        return f"DatasetImages({self.column!r}, files={self.files!r})"
+
+    def _embedded(self, ref: str) -> bytes:
+        row, k = (int(x) for x in ref[len(EMBEDDED) :].split(":"))
+        value = self.dataset[row][self.column].to_pylist()[0]
+        item = value[k] if isinstance(value, list) else value
+        if isinstance(item, Image.Image):
+            buffer = io.BytesIO()
+            item.save(buffer, "PNG")
+            return buffer.getvalue()
+        return item["bytes"]
+
+    def _decode(self, ref: str, verify: bool) -> Image.Image:
+        if ref.startswith(EMBEDDED):
+            name = f"row {ref[len(EMBEDDED) :].replace(':', ', image ')}"
+            return decode_image(self._embedded(ref), name, self.max_pixels, verify)
+        if self.files is None:
+            raise ImageError("image_missing", f"image '{ref}' is a path, and the image folder does not exist (give --images)")
+        return self.files.decode(ref, verify)
+
+    def size(self, ref: str) -> tuple[int, int]:
+        return self._decode(ref, verify=True).size
+
+    def open(self, ref: str) -> Image.Image:
+        return to_rgb(self._decode(ref, verify=False), ref)
