@@ -11,6 +11,7 @@ palette and RGBA images all work; 16-bit grayscale is scaled to 8 bits).
 from __future__ import annotations
 
 import io
+import os
 import stat
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -80,6 +81,7 @@ class ImageSource:
         self.max_pixels = max_pixels
         self._zip: zipfile.ZipFile | None = None
         self._members: dict[str, zipfile.ZipInfo] = {}
+        self._pid = os.getpid()
         if self.root.is_file():
             try:
                 self._zip = zipfile.ZipFile(self.root)
@@ -95,6 +97,8 @@ class ImageSource:
 
     def _read(self, rel: PurePosixPath, original: str) -> bytes:
         if self._zip is not None:
+            if self._pid != os.getpid():  # a dataloader worker: its own handle, not a shared file position
+                self._zip, self._pid = zipfile.ZipFile(self.root), os.getpid()
             info = self._members.get(str(rel))
             if info is None:
                 raise ImageError("image_missing", f"image '{original}' is not in archive {self.root.name}")
