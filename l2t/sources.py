@@ -1,11 +1,13 @@
-"""Hugging Face `datasets` as a data source: rows of a dataset -> records `l2t.data` checks.
+"""Data on disk -> the records `l2t.data` checks: JSON lists, JSONL, and Hugging Face `datasets`.
 
     python -m l2t.data check data/shapes_hf                 # a folder written by Dataset.save_to_disk
     python -m l2t.data check "data/part-*.parquet"          # parquet or arrow files, one or a glob
     python -m l2t.train --preset tiny --data hf:org/name:config@train   # datasets.load_dataset
 
-A row is a record as in a JSON file: `messages` (role/content, content as text
-or parts) or `conversations` (LLaVA), and `images` / `image`. An image value may
+A JSON list can be read one record at a time (`stream`), so a 665k-sample file
+is never a list of Python objects all at once. A dataset row is a record as in
+a JSON file: `messages` (role/content, content as text or parts) or
+`conversations` (LLaVA), and `images` / `image`. An image value may
 be a `datasets.Image` (embedded bytes or a path), a PIL image or a path string;
 paths are relative to the image root (`--images`), as in JSON. Embedded images
 stay in the memory-mapped Arrow data: a row names them `embedded:<row>:<k>` and
@@ -17,6 +19,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +34,7 @@ DATASET_SUFFIXES = (".parquet", ".arrow")
 TURN_COLUMNS = ("messages", "conversations")
 IMAGE_COLUMNS = ("images", "image")
 ROWS_PER_READ = 1000
+_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 class SourceError(L2TError):
@@ -60,7 +64,7 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
     body, _, split = body.partition("@")
     repo, _, config = body.partition(":")
     if not repo:
-        raise SourceError("file_unreadable", f"{spec}: no dataset named; write hf:<repo_id>[:<config>][@<split>]")
+        raise SourceError("file_unreadable", f"{spec}: [file_unreadable] no dataset named; write hf:<repo_id>[:<config>][@<split>]")
     return repo, config or None, split or "train"
 
 
@@ -81,7 +85,7 @@ def open_dataset(spec: str | Path):
             return loaded
         files = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
         if not files:
-            raise SourceError("file_unreadable", f"{text}: no file matches")
+            raise SourceError("file_unreadable", f"{text}: [file_unreadable] no file matches")
         for file in files:
             _check_file(Path(file))
         if files[0].lower().endswith(".arrow"):
@@ -205,6 +209,81 @@ def read_dataset(spec: str, images, max_pixels: int) -> tuple[Iterator[tuple[str
             yield f"row {row}", record
 
     return records(), DatasetImages(dataset, column, files, max_pixels)
+
+
+def read_json_records(path: Path, stream: bool = False):
+    """(label, record) pairs of a JSON list or JSONL file; file-level problems raise SourceError, a bad line is
+    (label, SourceError) in place of its record.
+
+    With `stream`, a JSON list is parsed one record at a time as the pairs are consumed.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SourceError("file_unreadable", f"{path}: [file_unreadable] cannot read data file: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SourceError("invalid_encoding", f"{path}: [invalid_encoding] not UTF-8 text (bad byte at offset {exc.start}); save the file as UTF-8") from None
+    if not text.strip():
+        raise SourceError("invalid_json", f"{path}: [invalid_json] the file is empty")
+    stripped = text.lstrip()
+    if stream and path.suffix.lower() != ".jsonl" and stripped[0] == "[":
+        return _stream_list(text, path)
+    if path.suffix.lower() != ".jsonl" and stripped[0] in "[{\"0123456789-tfn":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            # A one-line object followed by more is JSON Lines, whatever the file is called.
+            jsonl = exc.msg == "Extra data" and "\n" not in text[: exc.pos].strip()
+            if stripped[0] != "{" or (path.suffix.lower() == ".json" and not jsonl):
+                raise SourceError("invalid_json", f"{path}: [invalid_json] {_json_error(exc)} at line {exc.lineno}, column {exc.colno}") from None
+        else:
+            if isinstance(data, list):
+                return [(f"#{i}", record) for i, record in enumerate(data)]
+            if isinstance(data, dict) and path.suffix.lower() == ".json":
+                raise SourceError("not_a_list", f"{path}: [not_a_list] a JSON data file must hold a list of samples, found one object")
+            if not isinstance(data, dict):
+                raise SourceError("not_a_list", f"{path}: [not_a_list] a JSON data file must hold a list of samples, found {type(data).__name__}")
+    records = []
+    # Only "\n" ends a JSON Lines record: str.splitlines() would also break inside
+    # strings that hold a raw U+2028, U+0085, ... (valid JSON, written by ensure_ascii=False).
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            records.append((f"line {number}", SourceError("invalid_json", f"{_json_error(exc)} at column {exc.colno}")))
+    return records
+
+
+def _stream_list(text: str, path: Path) -> Iterator[tuple[str, object]]:
+    """A JSON list's records one at a time: a 665k-sample file never exists as Python objects all at once."""
+    decoder = json.JSONDecoder()
+    position = _SPACE.match(text, text.index("[") + 1).end()
+    index = 0
+    while text[position : position + 1] != "]":
+        try:
+            record, position = decoder.raw_decode(text, position)
+            position = _SPACE.match(text, position).end()
+            if text[position : position + 1] not in (",", "]"):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+        except json.JSONDecodeError:
+            read_json_records(path)  # the whole-file parse names the error as `check` does
+            raise SourceError("invalid_json", f"{path}: [invalid_json] not a valid JSON list") from None
+        yield f"#{index}", record
+        index += 1
+        if text[position] == ",":
+            position = _SPACE.match(text, position + 1).end()
+    if text[position + 1 :].strip():
+        read_json_records(path)
+        raise SourceError("invalid_json", f"{path}: [invalid_json] extra data after the list")
+
+
+def _json_error(exc: json.JSONDecodeError) -> str:
+    # "Unterminated string starting at" already ends with the "at" of the position that follows.
+    return exc.msg.removesuffix(" at")
 
 
 class DatasetImages:
