@@ -1,9 +1,9 @@
 """Encoding as a cached, memory-mapped step: checked samples -> token columns on disk -> training items.
 
 Rendering, tokenising, roles, labels and weights run through `Dataset.map`
-(batched; one process per core on large data) into an Arrow cache folder named
-by a hash of every input: the data (its files' paths, sizes and modification
-times, the image root and the split and check settings), the tokenizer and
+(batched; one process per core on large data) over the checked rows
+(`l2t.checked`) into an Arrow cache folder named by a hash of every input: the
+data (the checked rows' key and the held-out split), the tokenizer and
 processor, the prompt format, the loss mode and weights, the task templates and
 max_length. A second run with the same inputs memory-maps the folder instead of
 encoding again. The folder is written under a temporary name and renamed into
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from l2t.batch import process_images
+from l2t.checked import SampleRows, cache_root
 from l2t.config import Config
 from l2t.masking import IGNORE, RESPONSE_ROLES, Encoder, Role, labels_and_weights
 
@@ -37,35 +38,6 @@ MANIFEST = "manifest.json"
 PARALLEL_FROM = 20_000
 """Samples from which the map runs in one process per core (below, starting processes costs more than it saves)."""
 WRITE_BATCH = 2_000
-
-
-def cache_root(config: Config) -> Path:
-    return Path(config.data.cache or os.environ.get("L2T_CACHE") or Path.home() / ".cache" / "l2t")
-
-
-def _files_of(spec: str) -> list[Path]:
-    import glob
-
-    if spec.startswith("hf:"):
-        return []
-    path = Path(spec)
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file())
-    return [Path(p) for p in sorted(glob.glob(spec))] if glob.has_magic(spec) else [path]
-
-
-def data_identity(config: Config, data_path: Path, image_root) -> dict:
-    """What the checked training split depends on: the data files as they are now, the image root and the settings."""
-    files = []
-    for path in _files_of(str(data_path)):
-        try:
-            stat = path.stat()
-            files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-        except OSError:
-            files.append([str(path), None, None])
-    t = config.train
-    return {"spec": str(data_path), "files": files, "images": str(image_root or ""), "data": asdict(config.data) | {"cache": ""},
-            "split": [t.eval_fraction, t.eval_max_samples, t.seed]}  # fmt: skip
 
 
 def tokenizer_identity(encoder: Encoder) -> str:
@@ -81,11 +53,13 @@ def tokenizer_identity(encoder: Encoder) -> str:
     return digest.hexdigest()
 
 
-def cache_key(config: Config, data: dict, encoder: Encoder) -> str:
+def cache_key(config: Config, data: str, encoder: Encoder) -> str:
+    """`data`: the checked rows' key (`l2t.checked.data_key`); the held-out split's settings are added here."""
     lo = config.loss
     inputs = {
         "version": FORMAT_VERSION,
         "data": data,
+        "split": [config.train.eval_fraction, config.train.eval_max_samples, config.train.seed],
         "tokenizer": tokenizer_identity(encoder),
         "format": asdict(encoder.fmt),
         "loss": [lo.mode, lo.instruction_weight, lo.response_weight],
@@ -128,6 +102,8 @@ def encode_batch(batch: dict, encoder: Encoder, mode: str, instruction_weight: f
 def _source(samples) -> "datasets.Dataset":  # noqa: F821
     import datasets
 
+    if isinstance(samples, SampleRows):
+        return samples.columns(["messages", "images", "image_sizes"])
     return datasets.Dataset.from_dict({
         "messages": [json.dumps(s.messages, ensure_ascii=False) for s in samples],
         "images": [list(s.images) for s in samples],

@@ -178,11 +178,7 @@ def _jsonable(value) -> bool:
     return True
 
 
-def read_dataset(spec: str, images, max_pixels: int) -> tuple[Iterator[tuple[str, object]], DatasetImages]:
-    """(label, record) per row, image values turned into references, and where the images are read.
-
-    A row whose image value is not an image gives (label, ImageError) in place of its record.
-    """
+def _open(spec: str, images, max_pixels: int):
     dataset = open_dataset(spec)
     turns, column = turn_and_image_columns(dataset, spec)
     dataset = raw_images(dataset, column)
@@ -194,6 +190,20 @@ def read_dataset(spec: str, images, max_pixels: int) -> tuple[Iterator[tuple[str
             files = ImageSource(Path(images) if images else Path(spec).parent, max_pixels=max_pixels)
         except ImageError:
             files = None
+    return dataset, turns, column, DatasetImages(dataset, column, files, max_pixels)
+
+
+def dataset_images(spec: str, images, max_pixels: int) -> DatasetImages:
+    """Where a dataset's images are read from (its embedded bytes, or the image root for paths)."""
+    return _open(spec, images, max_pixels)[3]
+
+
+def read_dataset(spec: str, images, max_pixels: int) -> tuple[Iterator[tuple[str, object]], DatasetImages]:
+    """(label, record) per row, image values turned into references, and where the images are read.
+
+    A row whose image value is not an image gives (label, ImageError) in place of its record.
+    """
+    dataset, turns, column, found = _open(spec, images, max_pixels)
     target = "images" if turns == "messages" else "image"
 
     def records():
@@ -208,7 +218,7 @@ def read_dataset(spec: str, images, max_pixels: int) -> tuple[Iterator[tuple[str
                 record[target] = refs
             yield f"row {row}", record
 
-    return records(), DatasetImages(dataset, column, files, max_pixels)
+    return records(), found
 
 
 def read_json_records(path: Path, stream: bool = False):

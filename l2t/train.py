@@ -32,7 +32,7 @@ from l2t import relevance, runs
 from l2t.batch import Collator, Example, TrainingSet, make_example
 from l2t.config import Config, load_config, save_config
 from l2t.data import DataError, Sample, check_lengths
-from l2t.encoding import CachedTrainingSet, cache_key, data_identity, encoded_dataset
+from l2t.encoding import CachedTrainingSet, cache_key, encoded_dataset
 from l2t.errors import L2TError, print_error
 from l2t.evaluate import evaluate_loaded
 from l2t.files import atomic_write_bytes, atomic_write_json
@@ -65,7 +65,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     run_dir, checkpoint = open_run_dir(config, resume, overwrite)
 
     # Data first: everything that can be wrong with it shows before any weights load.
-    data = prepare_data(config)
+    data = prepare_data(config, say=say)
     say(data.report.summary())
     print_templates(data.templates, config.loss.mode)
     fetch_model(config)  # a hub model's first run: its size, then the download's progress
@@ -157,14 +157,12 @@ def encode_data(config: Config, data: PreparedData, encoder: Encoder) -> list[tu
 def encode_cached(config: Config, data: PreparedData, encoder: Encoder) -> CachedTrainingSet:
     """The training split as memory-mapped token columns (`l2t.encoding`); samples over train.max_length, or with
     nothing to learn, are left out (the first kind counted in the report)."""
-    path, image_root, _ = data_paths(config)
-    key = cache_key(config, data_identity(config, path, image_root), encoder)
-    table = encoded_dataset(data.train, encoder, config, key, say=say)
+    table = encoded_dataset(data.train, encoder, config, cache_key(config, data.key, encoder), say=say)
     columns = table.with_format("numpy", columns=["length", "in_loss"])[:]
     lengths, in_loss = columns["length"], columns["in_loss"]
     over = np.nonzero(lengths > config.train.max_length)[0]
     if len(over):
-        names = unique_names([sample.id for sample in data.train])
+        names = unique_names(data.train.ids())
         check_lengths({names[i]: int(lengths[i]) for i in over}, config.train.max_length, data.report)
         say(f"{len(over)} sample(s) exceed train.max_length={config.train.max_length} with their image tokens and are skipped")
         if config.data.strict:

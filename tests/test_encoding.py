@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from l2t.batch import TrainingSet, encode_samples
+from l2t.checked import data_key
 from l2t.config import load_config
 from l2t.data import load_data
-from l2t.encoding import MANIFEST, CachedTrainingSet, cache_key, data_identity, encoded_dataset
+from l2t.encoding import MANIFEST, CachedTrainingSet, cache_key, encoded_dataset
 from l2t.masking import Encoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +34,7 @@ def config_in(tmp_path, *overrides):
 
 
 def key_of(config, encoder, shapes_dir):
-    return cache_key(config, data_identity(config, shapes_dir / "train.json", shapes_dir), encoder)
+    return cache_key(config, data_key(config, shapes_dir / "train.json", shapes_dir), encoder)
 
 
 def test_cached_items_are_the_in_memory_items(bundled, tiny_processor, tmp_path, shapes_dir):
@@ -88,9 +89,9 @@ def test_the_cache_key_follows_every_input(tiny_processor, tmp_path, shapes_dir)
 
     data = tmp_path / "train.json"
     data.write_text((shapes_dir / "train.json").read_text())
-    before = cache_key(config, data_identity(config, data, shapes_dir), encoder)
+    before = cache_key(config, data_key(config, data, shapes_dir), encoder)
     data.write_text(data.read_text().replace("Answer yes or no.", "Answer yes or no!"))
-    assert cache_key(config, data_identity(config, data, shapes_dir), encoder) != before
+    assert cache_key(config, data_key(config, data, shapes_dir), encoder) != before
     assert key_of(config_in(tmp_path, "train.seed=1"), encoder, shapes_dir) != base  # another held-out split
 
 
