@@ -155,7 +155,7 @@ class SampleRows(Sequence):
         return self.table.select_columns(names).select(self.indices)
 
     def ids(self) -> list[str]:
-        return self.columns(["id"])["id"]
+        return self.columns(["id"]).with_format("arrow")[:]["id"].to_pylist()
 
     def instructions(self) -> Iterator[list[str]]:
         """Each sample's user turns, streamed from the messages column a batch at a time."""

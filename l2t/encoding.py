@@ -152,6 +152,11 @@ def encoded_dataset(samples, encoder: Encoder, config: Config, key: str, say=pri
     return _load(folder)
 
 
+def column(table, name: str) -> np.ndarray:
+    """A whole column at once, from Arrow (`table[name]` would read it row by row)."""
+    return table.with_format("arrow").select_columns([name])[:][name].to_numpy()
+
+
 class CachedTrainingSet(torch.utils.data.Dataset):
     """Training items read from the memory-mapped token columns; image runs expanded and images decoded per item."""
 
@@ -161,7 +166,7 @@ class CachedTrainingSet(torch.utils.data.Dataset):
         self.images = images
         self.processor = processor
         self.encoder = encoder
-        self.lengths = np.asarray(table.with_format("numpy")["length"])[indices].tolist()
+        self.lengths = column(table, "length")[indices].tolist()
 
     def __len__(self) -> int:
         return len(self.indices)

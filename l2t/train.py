@@ -32,7 +32,7 @@ from l2t import relevance, runs
 from l2t.batch import Collator, Example, TrainingSet, make_example
 from l2t.config import Config, load_config, save_config
 from l2t.data import DataError, Sample, check_lengths
-from l2t.encoding import CachedTrainingSet, cache_key, encoded_dataset
+from l2t.encoding import CachedTrainingSet, cache_key, column, encoded_dataset
 from l2t.errors import L2TError, print_error
 from l2t.evaluate import evaluate_loaded
 from l2t.files import atomic_write_bytes, atomic_write_json
@@ -158,8 +158,7 @@ def encode_cached(config: Config, data: PreparedData, encoder: Encoder) -> Cache
     """The training split as memory-mapped token columns (`l2t.encoding`); samples over train.max_length, or with
     nothing to learn, are left out (the first kind counted in the report)."""
     table = encoded_dataset(data.train, encoder, config, cache_key(config, data.key, encoder), say=say)
-    columns = table.with_format("numpy", columns=["length", "in_loss"])[:]
-    lengths, in_loss = columns["length"], columns["in_loss"]
+    lengths, in_loss = column(table, "length"), column(table, "in_loss")
     over = np.nonzero(lengths > config.train.max_length)[0]
     if len(over):
         names = unique_names(data.train.ids())
