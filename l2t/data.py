@@ -14,7 +14,9 @@ Two formats, detected per sample:
   also be a list of parts (`{"type": "image"}`, `{"type": "text", "text": ...}`).
   The user's placement of images is kept.
 
-Files are a JSON list or JSONL (one sample per line). Every bad sample gets a
+Files are a JSON list or JSONL (one sample per line); a Hugging Face dataset
+(a `save_to_disk` folder, parquet/arrow files, `hf:<repo_id>`) gives the same
+records, one per row (`l2t.sources`). Every bad sample gets a
 `Problem` naming the file, the sample (its id, else its line or index) and a
 reason code; bad samples are skipped and counted, or, with `strict`, the whole
 load stops with the full report. Nothing is truncated or dropped silently.
@@ -258,8 +260,9 @@ def parse_record(record, label: str) -> Sample:
     return Sample(id=sample_id, messages=_normalise(messages), images=list(images), meta=meta)
 
 
-def open_images(source: str | Path | ImageSource | None, data_path: Path, max_pixels: int) -> ImageSource:
-    if isinstance(source, ImageSource):
+def open_images(source, data_path: Path, max_pixels: int):
+    """An image source: `source` itself when it is one already (an ImageSource, a DatasetImages), else a folder or .zip."""
+    if source is not None and not isinstance(source, (str, Path)):
         return source
     return ImageSource(Path(source) if source else Path(data_path).parent, max_pixels=max_pixels)
 

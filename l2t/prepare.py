@@ -10,6 +10,10 @@ same config trains with.
   `train.eval_max_samples`) is held out, chosen with `train.seed`.
 - Task templates are mined from the training split only, with the config's
   `templates` settings and the user's additions and removals.
+
+The samples are checked once per version of the data and kept as memory-mapped
+Arrow rows (`l2t.checked`): the training split is a `SampleRows` sequence, and
+mining streams its messages column.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from l2t.checked import SampleRows, checked_rows
 from l2t.config import Config, ConfigError
@@ -83,7 +89,8 @@ def prepare_data(config: Config, say=print) -> PreparedData:
         held = held_out_positions(len(rows), t.eval_fraction, t.eval_max_samples, t.seed)
         train = rows.subset([i for i in range(len(rows)) if i not in held])
         held_out = [rows[i] for i in sorted(held)]
-    templates = mine_with_settings(train.instructions(), config.templates)  # streamed from the rows, never a list
+    instructions = tqdm(train.instructions(), total=len(train), desc="mining task templates", unit=" samples", delay=1.0, mininterval=1.0)
+    templates = mine_with_settings(instructions, config.templates)  # streamed from the rows, never a list
     return PreparedData(train, held_out, images, report, templates, key)
 
 

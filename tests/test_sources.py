@@ -54,11 +54,11 @@ def messages_dataset(shapes) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
-def train_on(data: str, tmp_path, capsys) -> dict:
+def train_on(data: str, tmp_path, capsys, *overrides) -> dict:
     from l2t.train import train
 
     config = load_config("tiny", overrides=[f"data.path={json.dumps(data)}", f"output={tmp_path / 'run'}", "train.max_steps=2",
-                                            "train.preview_samples=0", "train.eval_fraction=0.1"])  # fmt: skip
+                                            "train.preview_samples=0", "train.eval_fraction=0.1", *overrides])  # fmt: skip
     run_dir = train(config)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -72,7 +72,7 @@ def train_on(data: str, tmp_path, capsys) -> dict:
 
 def test_a_save_to_disk_folder_trains(shapes, tmp_path, capsys):
     llava_dataset(shapes).save_to_disk(str(tmp_path / "shapes_hf"))
-    report = train_on(str(tmp_path / "shapes_hf"), tmp_path, capsys)
+    report = train_on(str(tmp_path / "shapes_hf"), tmp_path, capsys, "train.dataloader_workers=1")  # images decoded in a worker
     assert report["ok"] == SAMPLES and report["problems"] == []
 
 
@@ -83,6 +83,12 @@ def test_a_parquet_file_with_embedded_image_bytes_trains(shapes, tmp_path, capsy
     assert samples[0].messages[0]["content"].startswith("<image>Does the picture")
     assert images.open(samples[3].images[0]).tobytes() == Image.open(io.BytesIO(shapes[3]["bytes"])).convert("RGB").tobytes()
     train_on(str(tmp_path / "shapes.parquet"), tmp_path, capsys)
+    # the held-out sample's image is embedded too: evaluation reads it from the dataset by row
+    from l2t.evaluate import load_test_samples
+    from l2t.runs import open_trained_run
+
+    [held_out], images, _ = load_test_samples(open_trained_run(tmp_path / "run"), None, None)
+    assert held_out.images[0].startswith("embedded:") and images.open(held_out.images[0]).size == (64, 64)
 
 
 def test_a_messages_format_parquet_trains(shapes, tmp_path, capsys):
