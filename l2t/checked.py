@@ -7,7 +7,8 @@ paths, sizes and modification times, the image root and the `data` settings.
 The report goes beside them. The folder is written under a temporary name and
 renamed into place when complete; a second run memory-maps it and skips the
 check. `SampleRows` reads the rows back as `Sample`s, one at a time, and streams
-the instruction column for template mining.
+the instruction column for template mining, whose result is kept beside the rows
+for each training split and `templates` setting.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from l2t.config import Config
 from l2t.data import DataReport, Problem, Sample, finish_report, open_images, read_data
 from l2t.images import ImageError
 from l2t.sources import dataset_images, is_dataset, is_hub_spec
+from l2t.templates import TaskTemplate, load_templates, mine_with_settings, save_templates
 
 FORMAT_VERSION = 1
 ROWS = "rows.arrow"
@@ -126,6 +128,22 @@ def _write_rows(path: Path, samples: Iterator[Sample], report: DataReport, say) 
         for sample in tqdm(samples, desc=f"checking {report.file}", unit=" samples", mininterval=1.0, delay=1.0):
             writer.write(_row(sample))
         writer.finalize()
+
+
+def mined_templates(config: Config, key: str, train: SampleRows, split: list) -> list[TaskTemplate]:
+    """The task templates of this training split under the run's `templates` settings, mined once and kept beside the rows."""
+    from tqdm.auto import tqdm
+
+    settings = asdict(config.templates)
+    digest = hashlib.sha256(json.dumps([settings, split], sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root(config) / "checked" / key / f"templates-{digest}.json"
+    if path.is_file():
+        return load_templates(path)
+    instructions = tqdm(train.instructions(), total=len(train), desc="mining task templates", unit=" samples", delay=1.0, mininterval=1.0)
+    templates = mine_with_settings(instructions, config.templates)  # streamed from the rows, never a list
+    if path.parent.is_dir():
+        save_templates(path, templates, settings)
+    return templates
 
 
 class SampleRows(Sequence):

@@ -22,15 +22,15 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+import numpy as np
 
-from l2t.checked import SampleRows, checked_rows
+from l2t.checked import SampleRows, checked_rows, mined_templates
 from l2t.config import Config, ConfigError
 from l2t.data import DataReport, Sample, load_samples
 from l2t.images import ImageError, ImageSource
 from l2t.sources import DatasetImages, is_hub_spec
 from l2t.synthetic import bundled_dir
-from l2t.templates import TaskTemplate, mine_with_settings
+from l2t.templates import TaskTemplate
 
 
 @dataclass
@@ -81,17 +81,15 @@ def prepare_data(config: Config, say=print) -> PreparedData:
         source = None  # fine for text-only data; the check reports it if a sample needs an image
     rows, report, images, key = checked_rows(config, path, source or image_root, say=say)
     images = images if _any_image(rows) else None
+    t = config.train
     if held_out_path is not None:
-        train = rows
+        train, split = rows, [str(held_out_path)]
         held_out, _ = load_samples(held_out_path, source or image_root, max_pixels=pixels)
     else:
-        t = config.train
-        held = held_out_positions(len(rows), t.eval_fraction, t.eval_max_samples, t.seed)
-        train = rows.subset([i for i in range(len(rows)) if i not in held])
+        held, split = held_out_positions(len(rows), t.eval_fraction, t.eval_max_samples, t.seed), [t.eval_fraction, t.eval_max_samples, t.seed]
+        train = rows.subset(np.setdiff1d(np.arange(len(rows)), np.fromiter(held, dtype=np.int64)))
         held_out = [rows[i] for i in sorted(held)]
-    instructions = tqdm(train.instructions(), total=len(train), desc="mining task templates", unit=" samples", delay=1.0, mininterval=1.0)
-    templates = mine_with_settings(instructions, config.templates)  # streamed from the rows, never a list
-    return PreparedData(train, held_out, images, report, templates, key)
+    return PreparedData(train, held_out, images, report, mined_templates(config, key, train, split), key)
 
 
 def _any_image(rows: SampleRows) -> bool:

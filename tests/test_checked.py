@@ -94,3 +94,18 @@ def test_strict_mode_stops_from_the_cache_too_and_a_failed_check_leaves_no_cache
     with pytest.raises(DataError, match=r"\[invalid_json\]"):
         checked_rows(config_for(tmp_path, broken), broken, None, say=lambda _: None)
     assert len(list((tmp_path / "cache" / "checked").iterdir())) == 1  # the first file's, and no torn one
+
+
+def test_mined_templates_are_kept_per_split_and_settings(tmp_path):
+    data = llava_mix_like(tmp_path / "mix.json", 1000)
+    first = prepare_data(config_for(tmp_path, data), say=lambda _: None)
+    [kept] = (tmp_path / "cache" / "checked").glob("*/templates-*.json")
+    assert [t["sentence"] for t in json.loads(kept.read_text())["templates"]] == [t.sentence for t in first.templates]
+    assert prepare_data(config_for(tmp_path, data), say=lambda _: None).templates == first.templates
+    fewer = prepare_data(config_for(tmp_path, data, "templates.top_k=1"), say=lambda _: None)
+    assert fewer.templates == first.templates[:1]
+    other_split = prepare_data(config_for(tmp_path, data, "train.seed=3"), say=lambda _: None)
+    samples, _ = load_samples(data)
+    train, _ = split_held_out(samples, 0.1, 200, 3)
+    assert other_split.templates == mine_with_settings([s.instructions() for s in train], config_for(tmp_path, data).templates)
+    assert len(list((tmp_path / "cache" / "checked").glob("*/templates-*.json"))) == 3
