@@ -35,6 +35,8 @@ TURN_COLUMNS = ("messages", "conversations")
 IMAGE_COLUMNS = ("images", "image")
 ROWS_PER_READ = 1000
 _SPACE = re.compile(r"[ \t\n\r]*")
+STREAM_CHARS = 8 * 1024**2
+"""Characters read at a time from a streamed JSON list."""
 
 
 class SourceError(L2TError):
@@ -227,6 +229,8 @@ def read_json_records(path: Path, stream: bool = False):
 
     With `stream`, a JSON list is parsed one record at a time as the pairs are consumed.
     """
+    if stream and path.suffix.lower() != ".jsonl" and _starts_a_list(path):
+        return _stream_list(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -238,8 +242,6 @@ def read_json_records(path: Path, stream: bool = False):
     if not text.strip():
         raise SourceError("invalid_json", f"{path}: [invalid_json] the file is empty")
     stripped = text.lstrip()
-    if stream and path.suffix.lower() != ".jsonl" and stripped[0] == "[":
-        return _stream_list(text, path)
     if path.suffix.lower() != ".jsonl" and stripped[0] in "[{\"0123456789-tfn":
         try:
             data = json.loads(text)
@@ -268,27 +270,63 @@ def read_json_records(path: Path, stream: bool = False):
     return records
 
 
-def _stream_list(text: str, path: Path) -> Iterator[tuple[str, object]]:
-    """A JSON list's records one at a time: a 665k-sample file never exists as Python objects all at once."""
+def _starts_a_list(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            head = file.read(4096).decode("utf-8-sig", errors="ignore")
+    except OSError:
+        return False
+    return head.lstrip().startswith("[")
+
+
+def _stream_list(path: Path) -> Iterator[tuple[str, object]]:
+    """A JSON list's records one at a time, read in chunks: neither the file's text nor its records are held at once.
+
+    Any error falls back to parsing the whole file, which names it as `python -m l2t.data check` does.
+    """
     decoder = json.JSONDecoder()
-    position = _SPACE.match(text, text.index("[") + 1).end()
-    index = 0
-    while text[position : position + 1] != "]":
-        try:
-            record, position = decoder.raw_decode(text, position)
-            position = _SPACE.match(text, position).end()
-            if text[position : position + 1] not in (",", "]"):
-                raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
-        except json.JSONDecodeError:
-            read_json_records(path)  # the whole-file parse names the error as `check` does
-            raise SourceError("invalid_json", f"{path}: [invalid_json] not a valid JSON list") from None
-        yield f"#{index}", record
-        index += 1
-        if text[position] == ",":
-            position = _SPACE.match(text, position + 1).end()
-    if text[position + 1 :].strip():
-        read_json_records(path)
-        raise SourceError("invalid_json", f"{path}: [invalid_json] extra data after the list")
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            buffer, eof = "", False
+
+            def more() -> bool:
+                nonlocal buffer, eof
+                chunk = file.read(STREAM_CHARS)
+                eof, buffer = not chunk, buffer + chunk
+                return not eof
+
+            def skip_space(position: int) -> int:
+                position = _SPACE.match(buffer, position).end()
+                while position >= len(buffer) and more():
+                    position = _SPACE.match(buffer, position).end()
+                return position
+
+            while "[" not in buffer and more():
+                pass
+            position, index, after_comma = skip_space(buffer.index("[") + 1), 0, False
+            while buffer[position : position + 1] != "]" or after_comma:
+                try:
+                    record, end = decoder.raw_decode(buffer, position)
+                    if not eof and not isinstance(record, (dict, list)) and buffer[end : end + 1] in ("", *"0123456789.eE+-"):
+                        raise json.JSONDecodeError("a number may go on in the next chunk", buffer, end)
+                except json.JSONDecodeError:
+                    if more():
+                        continue
+                    raise
+                position = skip_space(end)
+                if buffer[position : position + 1] not in (",", "]"):
+                    raise json.JSONDecodeError("Expecting ',' delimiter", buffer, position)
+                yield f"#{index}", record
+                index += 1
+                after_comma = buffer[position] == ","
+                position = skip_space(position + 1) if after_comma else position
+                if position > STREAM_CHARS:  # what is parsed is dropped
+                    buffer, position = buffer[position:], 0
+            if (buffer[position + 1 :] + file.read()).strip():
+                raise json.JSONDecodeError("Extra data", buffer, position + 1)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        read_json_records(path)  # the whole-file parse names the error
+        raise SourceError("invalid_json", f"{path}: [invalid_json] not a valid JSON list") from None
 
 
 def _json_error(exc: json.JSONDecodeError) -> str:

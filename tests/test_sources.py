@@ -215,3 +215,34 @@ def test_the_data_tab_reads_a_dataset_on_the_server(shapes, tmp_path):
     assert len(gallery) > 0 and gallery[0][0].size[0] > 0
     with pytest.raises(Exception, match="No data file, dataset folder"):
         load_server_paths(context, str(tmp_path / "nothing"), "", "tiny", "l2t")
+
+
+# ---------------------------------------------------------------- a JSON list streamed in chunks
+
+VALID_LISTS = [
+    '[{"id": 1, "conversations": []}, {"id": "two", "x": [1, 2, {"y": "]"}]}]',
+    '\ufeff[\r\n  {"a": "line\\nbreak, \\"quoted\\" ]"} ,\r\n  12345 , "text", true, null, [1, 2]\r\n]\r\n',
+    "[]",
+    "  [ ]  \n",
+    '[{"deep": {"er": {"est": 1.5e3}}}, 3.25]',
+]
+INVALID_LISTS = ['[{"a": 1}, ]', '[{"a": 1} {"b": 2}]', '[{"a": 1}, {"b": ', '[{"a": 1}] extra', '[{"a": 1}, 12', "[1, 2] [3]"]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
+def test_a_streamed_list_reads_as_the_whole_file_does(tmp_path, monkeypatch, chunk):
+    from l2t import sources
+
+    monkeypatch.setattr(sources, "STREAM_CHARS", chunk)
+    for i, text in enumerate(VALID_LISTS):
+        path = tmp_path / f"valid{i}.json"
+        path.write_bytes(text.encode("utf-8"))
+        assert list(sources.read_json_records(path, stream=True)) == sources.read_json_records(path), text
+    for i, text in enumerate(INVALID_LISTS):
+        path = tmp_path / f"invalid{i}.json"
+        path.write_text(text)
+        with pytest.raises(sources.SourceError) as whole:
+            sources.read_json_records(path)
+        with pytest.raises(sources.SourceError) as streamed:
+            list(sources.read_json_records(path, stream=True))
+        assert str(streamed.value) == str(whole.value) and "[invalid_json]" in str(whole.value), text
