@@ -208,7 +208,8 @@ def write_run_inputs(config: Config, run_dir: Path, data: PreparedData, checkpoi
     resolved.output = str(run_dir)
     path, image_root, _ = data_paths(config)
     resolved.data.path = str(path) if is_hub_spec(str(path)) else str(path.resolve())
-    resolved.data.images = str((image_root or path.parent).resolve())
+    hub = is_hub_spec(str(path)) and not image_root  # a hub dataset's images are in it
+    resolved.data.images = "" if hub else str((image_root or path.parent).resolve())
     save_config(resolved, run_dir / runs.CONFIG)
     save_templates(run_dir / runs.TEMPLATES, data.templates, dict(config.templates.__dict__))
     atomic_write_json(run_dir / runs.DATA_REPORT, data.report.to_dict())
