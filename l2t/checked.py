@@ -139,8 +139,10 @@ def mined_templates(config: Config, key: str, train: SampleRows, split: list) ->
     path = cache_root(config) / "checked" / key / f"templates-{digest}.json"
     if path.is_file():
         return load_templates(path)
-    instructions = tqdm(train.instructions(), total=len(train), desc="mining task templates", unit=" samples", delay=1.0, mininterval=1.0)
-    templates = mine_with_settings(instructions, config.templates)  # streamed from the rows, never a list
+    def read():  # streamed from the rows, twice: never a list, nor every distinct sentence at once
+        return tqdm(train.instructions(), total=len(train), desc="mining task templates", unit=" samples", delay=1.0, mininterval=1.0)
+
+    templates = mine_with_settings(read, config.templates)
     if path.parent.is_dir():
         save_templates(path, templates, settings)
     return templates

@@ -7,11 +7,12 @@ import random
 
 import pytest
 
+from l2t import templates
 from l2t.checked import SampleRows, checked_rows
 from l2t.config import load_config
 from l2t.data import DataError, load_samples
 from l2t.prepare import prepare_data, split_held_out
-from l2t.templates import mine_templates, mine_with_settings
+from l2t.templates import mine_templates, mine_templates_twice, mine_with_settings
 
 PROMPTS = ["Answer the question using a single word or phrase.", "Answer  with the option's letter\tfrom the given choices directly.",
            "Provide a one-sentence caption for the provided image.", "What is this?"]  # fmt: skip
@@ -109,3 +110,18 @@ def test_mined_templates_are_kept_per_split_and_settings(tmp_path):
     train, _ = split_held_out(samples, 0.1, 200, 3)
     assert other_split.templates == mine_with_settings([s.instructions() for s in train], config_for(tmp_path, data).templates)
     assert len(list((tmp_path / "cache" / "checked").glob("*/templates-*.json"))) == 3
+
+
+@pytest.mark.parametrize("buckets", [1, 7, 1 << 22])
+@pytest.mark.parametrize("settings", [{}, {"min_fraction": 0.0, "min_count": 1, "top_k": 10**6, "min_words": 0}, {"min_fraction": 0.2, "min_count": 50}])
+def test_mining_in_two_passes_finds_the_same_templates_and_counts(tmp_path, monkeypatch, buckets, settings):
+    """Few buckets force collisions: sentences that share one with a template are counted too, and dropped by the same rule."""
+    monkeypatch.setattr(templates, "HASH_BUCKETS", buckets)
+    rng = random.Random(1)  # thousands of distinct sentences, a few common ones, counts all around the thresholds
+    records = [{"conversations": [{"from": "human", "value": f"Where is object {int(rng.paretovariate(0.7))}? {rng.choice(PROMPTS)}"},
+                                  {"from": "gpt", "value": "Here."}]} for _ in range(2000)]  # fmt: skip
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps(records))
+    rows, _, _, _ = checked_rows(config_for(tmp_path, data), data, None, say=lambda _: None)
+    assert mine_templates_twice(rows.instructions, **settings) == mine_templates(rows.instructions(), **settings)
+    assert len(mine_templates(rows.instructions(), min_fraction=0.0, min_count=1, min_words=0, top_k=10**6)) > 100
