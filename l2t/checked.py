@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ FORMAT_VERSION = 1
 ROWS = "rows.arrow"
 REPORT = "report.json"
 READ_BATCH = 10_000
+"""Rows per Arrow record batch of the checked rows."""
 
 
 def cache_root(config: Config) -> Path:
@@ -178,7 +180,19 @@ class SampleRows(Sequence):
         return self.columns(["id"]).with_format("arrow")[:]["id"].to_pylist()
 
     def instructions(self) -> Iterator[list[str]]:
-        """Each sample's user turns, streamed from the messages column a batch at a time."""
-        for batch in self.columns(["messages"]).iter(batch_size=READ_BATCH):
-            for messages in batch["messages"]:
-                yield [m["content"] for m in json.loads(messages) if m["role"] == "user"]
+        """Each sample's user turns, in file order, read a batch at a time from the Arrow file.
+
+        Read, not memory-mapped: a pass over every row would otherwise leave the whole
+        file's pages in the process's resident memory.
+        """
+        import pyarrow as pa
+
+        keep = np.zeros(len(self.table), dtype=bool)
+        keep[self.indices] = True
+        row = 0
+        with pa.OSFile(self.table.cache_files[0]["filename"]) as file:
+            for batch in pa.ipc.open_stream(file):
+                column = batch.column(batch.schema.get_field_index("messages")).to_pylist()
+                for messages in itertools.compress(column, keep[row : row + len(column)]):
+                    yield [m["content"] for m in json.loads(messages) if m["role"] == "user"]
+                row += len(column)
