@@ -18,6 +18,7 @@ from app.mask_view import legend_html
 from l2t.config import LOSS_MODE_DESCRIPTIONS, LOSS_MODES, load_config
 from l2t.errors import L2TError
 from l2t.models import ModelError
+from l2t.sources import is_dataset, is_hub_spec
 
 log = logging.getLogger("app.data")
 
@@ -76,7 +77,7 @@ def use_demo_data(preset: str, mode: str):
 @guarded
 def load_upload(context: AppContext, data_file, images_zip, preset: str, mode: str, session_hash: str | None):
     if not data_file:
-        raise gr.Error("Choose a data file (.json or .jsonl) to upload first.")
+        raise gr.Error("Choose a data file (.json, .jsonl or .parquet) to upload first.")
     data_path, images_path = uploads.store_upload(context.uploads_dir, session_hash, data_file, images_zip)
     log.info("upload stored in %s", data_path.parent)
     label = Path(data_file).name + (f" + {Path(images_zip).name}" if images_zip else "")
@@ -97,10 +98,13 @@ def load_server_paths(context: AppContext, data_path: str, images_path: str, pre
         raise gr.Error("Reading files on the server is off for this public link (start the app with --auth to allow it).")
     data_path, images_path = (data_path or "").strip(), (images_path or "").strip()
     if not data_path:
-        raise gr.Error("Type the path of a data file on the server.")
-    data = uploads.allowed_server_path(data_path, context.data_roots)
-    if not data.is_file():
-        raise gr.Error(f"No data file at '{data_path}'.")
+        raise gr.Error("Type the path of a data file, a dataset folder, parquet/arrow files or an hf: dataset on the server.")
+    if is_hub_spec(data_path):  # read through the datasets library from the hub or its cache, not from a path
+        data = data_path
+    else:
+        data = uploads.allowed_server_path(data_path, context.data_roots)
+        if not (data.is_file() or is_dataset(data)):
+            raise gr.Error(f"No data file, dataset folder, parquet/arrow file or hf: dataset at '{data_path}'.")
     images = uploads.allowed_server_path(images_path, context.data_roots) if images_path else None
     if images is not None and not images.exists():
         raise gr.Error(f"No image folder or .zip at '{images_path}'.")
@@ -173,11 +177,16 @@ def _sources(context: AppContext) -> SimpleNamespace:
         demo = gr.Button("Use the demo data", variant="primary")
         gr.Markdown("Synthetic shapes with known answers: trains on a CPU in a minute.", elem_classes="l2t-hint")
         with gr.Accordion("Upload your own", open=True):
-            data_file = gr.File(label="Data file: LLaVA or messages JSON / JSONL", file_types=[".json", ".jsonl"], height=120, elem_id="upload-data")
+            data_file = gr.File(
+                label="Data file: LLaVA or messages JSON / JSONL, or parquet", file_types=[".json", ".jsonl", ".parquet"], height=120, elem_id="upload-data"
+            )
             images_zip = gr.File(label="Images: a .zip (paths in the data are relative to its root)", file_types=[".zip"], height=120, elem_id="upload-images")
             upload = gr.Button("Load the upload")
         with gr.Accordion("…or files on the server", open=False, visible=context.allow_server_paths):
-            server_data = gr.Textbox(label="Data file path", placeholder="/data/my_set/train.json")
+            server_data = gr.Textbox(
+                label="Data: a JSON/JSONL file, a save_to_disk folder, parquet/arrow files (or a glob), hf:<repo_id>[:config][@split]",
+                placeholder="/data/my_set/train.json",
+            )
             server_images = gr.Textbox(label="Image folder or .zip (default: the data file's folder)")
             server = gr.Button("Load from the server")
     return SimpleNamespace(

@@ -153,6 +153,8 @@ class TrainConfig:
     """Compute vocabulary logits only at positions that carry a label (same loss, far less memory)."""
     report_to: str = "none"
     """Also log to tensorboard or wandb."""
+    dataloader_workers: int = 0
+    """Processes that read and decode images while the model trains (0: in the training process)."""
 
 
 @dataclass
@@ -194,6 +196,8 @@ class DataConfig:
     """Stop on the first bad sample instead of skipping bad samples with a report."""
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels are rejected (decompression-bomb guard)."""
+    cache: str = ""
+    """Folder of the encoded-data cache, reused while its inputs are unchanged (empty: $L2T_CACHE, else ~/.cache/l2t)."""
 
 
 @dataclass
@@ -382,6 +386,7 @@ def validate(config: Config) -> None:
     check(t.save_steps >= 1, "train.save_steps", t.save_steps, "must be at least 1")
     check(0.0 <= t.eval_fraction < 1.0, "train.eval_fraction", t.eval_fraction, "must be in [0, 1)")
     check(t.report_to in ("none", "tensorboard", "wandb"), "train.report_to", t.report_to, "must be none, tensorboard or wandb")
+    check(t.dataloader_workers >= 0, "train.dataloader_workers", t.dataloader_workers, "must be >= 0")
     check(lo.mode in LOSS_MODES, "loss.mode", lo.mode, f"must be one of {', '.join(LOSS_MODES)}")
     check(lo.instruction_weight >= 0, "loss.instruction_weight", lo.instruction_weight, "must be >= 0")
     check(lo.response_weight >= 0, "loss.response_weight", lo.response_weight, "must be >= 0")

@@ -14,7 +14,9 @@ Two formats, detected per sample:
   also be a list of parts (`{"type": "image"}`, `{"type": "text", "text": ...}`).
   The user's placement of images is kept.
 
-Files are a JSON list or JSONL (one sample per line). Every bad sample gets a
+Files are a JSON list or JSONL (one sample per line); a Hugging Face dataset
+(a `save_to_disk` folder, parquet/arrow files, `hf:<repo_id>`) gives the same
+records, one per row (`l2t.sources`). Every bad sample gets a
 `Problem` naming the file, the sample (its id, else its line or index) and a
 reason code; bad samples are skipped and counted, or, with `strict`, the whole
 load stops with the full report. Nothing is truncated or dropped silently.
@@ -23,17 +25,19 @@ load stops with the full report. Nothing is truncated or dropped silently.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from l2t import sources
 from l2t.chat import IMAGE
 from l2t.errors import L2TError, print_error
 from l2t.files import atomic_write_json
 from l2t.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource
 from l2t.masking import preview_sample
+from l2t.sources import SourceError
 
 ROLE_NAMES = {
     "human": "user", "user": "user",
@@ -127,53 +131,6 @@ class _Bad(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-def _read_records(path: Path, report: DataReport) -> list[tuple[str, object]]:
-    """(label, record) pairs; file-level problems raise DataError, line-level ones are reported."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: [file_unreadable] cannot read data file: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: [invalid_encoding] not UTF-8 text (bad byte at offset {exc.start}); save the file as UTF-8") from None
-    if not text.strip():
-        raise DataError(f"{path}: [invalid_json] the file is empty")
-    stripped = text.lstrip()
-    if path.suffix.lower() != ".jsonl" and stripped[0] in "[{\"0123456789-tfn":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            # A one-line object followed by more is JSON Lines, whatever the file is called.
-            jsonl = exc.msg == "Extra data" and "\n" not in text[: exc.pos].strip()
-            if stripped[0] != "{" or (path.suffix.lower() == ".json" and not jsonl):
-                raise DataError(f"{path}: [invalid_json] {_json_error(exc)} at line {exc.lineno}, column {exc.colno}") from None
-        else:
-            if isinstance(data, list):
-                return [(f"#{i}", record) for i, record in enumerate(data)]
-            if isinstance(data, dict) and path.suffix.lower() == ".json":
-                raise DataError(f"{path}: [not_a_list] a JSON data file must hold a list of samples, found one object")
-            if not isinstance(data, dict):
-                raise DataError(f"{path}: [not_a_list] a JSON data file must hold a list of samples, found {type(data).__name__}")
-    records = []
-    # Only "\n" ends a JSON Lines record: str.splitlines() would also break inside
-    # strings that hold a raw U+2028, U+0085, ... (valid JSON, written by ensure_ascii=False).
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            report.total += 1
-            report.problems.append(Problem(str(path), f"line {number}", "invalid_json", f"{_json_error(exc)} at column {exc.colno}"))
-    return records
-
-
-def _json_error(exc: json.JSONDecodeError) -> str:
-    # "Unterminated string starting at" already ends with the "at" of the position that follows.
-    return exc.msg.removesuffix(" at")
 
 
 def _text(value, where: str) -> str:
@@ -303,10 +260,107 @@ def parse_record(record, label: str) -> Sample:
     return Sample(id=sample_id, messages=_normalise(messages), images=list(images), meta=meta)
 
 
-def open_images(source: str | Path | ImageSource | None, data_path: Path, max_pixels: int) -> ImageSource:
-    if isinstance(source, ImageSource):
+def open_images(source, data_path: Path, max_pixels: int):
+    """An image source: `source` itself when it is one already (an ImageSource, a DatasetImages), else a folder or .zip."""
+    if source is not None and not isinstance(source, (str, Path)):
         return source
     return ImageSource(Path(source) if source else Path(data_path).parent, max_pixels=max_pixels)
+
+
+def read_data(path, images=None, max_pixels: int = DEFAULT_MAX_PIXELS, check_images: bool = True, stream: bool = False):
+    """Open a data file or dataset: (checked samples as they are read, the report they add to, their image source).
+
+    Problems with the file itself raise DataError here (or, with `stream`, when reading
+    reaches them); each bad sample goes into the report as the iterator passes it. The
+    image source is an `ImageSource`, a `DatasetImages` for a `datasets` source, or None.
+    """
+    spec = str(path)
+    report = DataReport(file=spec)
+    source = None
+    if sources.is_dataset(spec):
+        try:
+            records, source = sources.read_dataset(spec, images, max_pixels)
+        except SourceError as exc:
+            raise DataError(str(exc)) from None
+    else:
+        path = Path(path)
+        try:
+            records = sources.read_json_records(path, stream)
+        except SourceError as exc:
+            raise DataError(str(exc)) from None
+        if stream:
+            records = _as_data_errors(records)
+        try:
+            source = open_images(images, path, max_pixels)
+        except ImageError as exc:
+            if stream:
+                records = _stop_at_first_image(records, DataError(f"{path}: [{exc.code}] {exc}"))
+            elif any(isinstance(r, dict) and (r.get("image") or r.get("images")) for _, r in records):
+                raise DataError(f"{path}: [{exc.code}] {exc}") from None
+    return _checked(records, source, report, check_images), report, source
+
+
+def _as_data_errors(records):
+    try:
+        yield from records
+    except SourceError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _stop_at_first_image(records, error: DataError):
+    for label, record in records:
+        if isinstance(record, dict) and (record.get("image") or record.get("images")):
+            raise error
+        yield label, record
+
+
+def _checked(records, source, report: DataReport, check_images: bool) -> Iterator[Sample]:
+    sizes: dict[str, tuple[int, int]] = {}  # shared images are checked once
+    for label, record in records:
+        report.total += 1
+        name = label
+        if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
+            name = f"{record['id']} ({label})"
+        try:
+            if isinstance(record, (ImageError, SourceError)):
+                raise record
+            sample = parse_record(record, label)
+            if check_images and sample.images:
+                if source is None:
+                    raise _Bad("image_missing", "the image folder does not exist")
+                sample.image_sizes = [_size(source, p, sizes) for p in sample.images]
+        except (_Bad, ImageError, SourceError) as bad:
+            report.problems.append(Problem(report.file, name, bad.code, str(bad)))
+            continue
+        report.ok += 1
+        yield sample
+
+
+def finish_report(report: DataReport, strict: bool) -> None:
+    """After the last sample: strict mode stops on any problem, and no usable sample stops any load."""
+    if strict and report.problems:
+        raise DataError(f"{report.file}: {len(report.problems)} bad sample(s) (strict mode)\n" + report.summary(examples=len(report.problems)), report)
+    if not report.ok:
+        raise DataError(f"{report.file}: no usable samples\n" + report.summary(), report)
+
+
+def load_data(path, images=None, strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, check_images: bool = True):
+    """Read and check a data file or dataset: (samples, report, where their images are read from).
+
+    Bad samples are reported and skipped (or, strict, raise).
+    """
+    checked, report, source = read_data(path, images, max_pixels, check_images)
+    samples = list(checked)
+    finish_report(report, strict)
+    return samples, report, source
+
+
+def _size(source, ref: str, sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    if ref.startswith(sources.EMBEDDED):
+        return source.size(ref)
+    if ref not in sizes:
+        sizes[ref] = source.size(ref)
+    return sizes[ref]
 
 
 def load_samples(
@@ -316,40 +370,8 @@ def load_samples(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     check_images: bool = True,
 ) -> tuple[list[Sample], DataReport]:
-    """Read and check a data file. Bad samples are reported and skipped (or, strict, raise)."""
-    path = Path(path)
-    report = DataReport(file=str(path))
-    records = _read_records(path, report)
-    source = None
-    try:
-        source = open_images(images, path, max_pixels)
-    except ImageError as exc:
-        if any(isinstance(r, dict) and (r.get("image") or r.get("images")) for _, r in records):
-            raise DataError(f"{path}: [{exc.code}] {exc}") from None
-    samples = []
-    for label, record in records:
-        report.total += 1
-        name = label
-        if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
-            name = f"{record['id']} ({label})"
-        try:
-            sample = parse_record(record, label)
-            if check_images and sample.images:
-                if source is None:
-                    raise _Bad("image_missing", "the image folder does not exist")
-                sample.image_sizes = [source.size(p) for p in sample.images]
-        except _Bad as bad:
-            report.problems.append(Problem(str(path), name, bad.code, str(bad)))
-            continue
-        except ImageError as exc:
-            report.problems.append(Problem(str(path), name, exc.code, str(exc)))
-            continue
-        samples.append(sample)
-    report.ok = len(samples)
-    if strict and report.problems:
-        raise DataError(f"{path}: {len(report.problems)} bad sample(s) (strict mode)\n" + report.summary(examples=len(report.problems)), report)
-    if not samples:
-        raise DataError(f"{path}: no usable samples\n" + report.summary(), report)
+    """Read and check a data file or dataset. Bad samples are reported and skipped (or, strict, raise)."""
+    samples, report, _ = load_data(path, images, strict, max_pixels, check_images)
     return samples, report
 
 
@@ -384,7 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra and (args.command != "preview" or any(a.startswith("-") or "=" not in a for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        samples, report = load_samples(args.data, args.images, strict=False)
+        if args.command == "check":  # the report only: samples are checked as they stream past, none is kept
+            checked, report, _ = read_data(args.data, args.images, stream=True)
+            for _ in checked:
+                pass
+            finish_report(report, strict=False)
+        else:
+            samples, report = load_samples(args.data, args.images, strict=False)
     except DataError as exc:
         return print_error(exc)
     if args.command == "check":

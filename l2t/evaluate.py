@@ -52,6 +52,7 @@ from l2t.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, base_mode
 from l2t.images import ImageError
 from l2t.masking import Encoder
 from l2t.scoring import KINDS, QUESTION_ITEM_KINDS, SHORT_ANSWER_MAX_WORDS, EvalItem, sample_kind, score_answers
+from l2t.sources import dataset_images, is_dataset
 
 # ---------------------------------------------------------------- test samples
 
@@ -64,6 +65,8 @@ def load_test_samples(run: runs.TrainedRun, data: str | None, images: str | None
     else:
         path = run.path / runs.HELD_OUT
         image_root = images or run.config.data.images or str(Path(run.config.data.path).parent)
+        if is_dataset(run.config.data.path):  # held-out images embedded in the dataset are read from it by row
+            image_root = dataset_images(run.config.data.path, image_root, run.config.data.max_image_pixels)
         if not path.is_file():
             raise EvaluationError(f"{run.path} has no {runs.HELD_OUT}; give test data with --data TEST")
     if not path.is_file():

@@ -11,6 +11,7 @@ palette and RGBA images all work; 16-bit grayscale is scaled to 8 bits).
 from __future__ import annotations
 
 import io
+import os
 import stat
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -84,6 +85,7 @@ class ImageSource:
         """The one folder every member of a .zip sits in (the image folder zipped itself, not its contents)."""
         self.read_from_top_folder = 0
         """How many images were found only inside `top_folder`: their paths in the data omit it."""
+        self._pid = os.getpid()
         if self.root.is_file():
             try:
                 self._zip = zipfile.ZipFile(self.root)
@@ -102,6 +104,8 @@ class ImageSource:
 
     def _read(self, rel: PurePosixPath, original: str) -> bytes:
         if self._zip is not None:
+            if self._pid != os.getpid():  # a dataloader worker: its own handle, not a shared file position
+                self._zip, self._pid = zipfile.ZipFile(self.root), os.getpid()
             info = self._members.get(str(rel))
             if info is None and self.top_folder:
                 info = self._members.get(f"{self.top_folder}/{rel}")
@@ -132,52 +136,60 @@ class ImageSource:
             raise ImageError("image_unreadable", f"image '{original}' is an empty file")
         return data
 
-    def _decode(self, path: str, verify: bool) -> Image.Image:
-        rel = safe_relative(path)
-        data = self._read(rel, path)
-        try:
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > self.max_pixels:
-                raise ImageError(
-                    "image_too_large",
-                    f"image '{path}' is {width}x{height} = {width * height:,} pixels, over the limit of {self.max_pixels:,}",
-                )
-            if verify:
-                img.verify()  # checks structure and truncation without a full decode
-                img = Image.open(io.BytesIO(data))
-            return img
-        except ImageError:
-            raise
-        except Image.DecompressionBombError as exc:
-            # Pillow's own limit (about 179 Mpx) refuses the header before ours is reached.
-            raise ImageError("image_too_large", f"image '{path}' is too large: {exc}") from None
-        except UnidentifiedImageError:
-            # Pillow's own message names the BytesIO object (a memory address), not the file.
-            message = f"image '{path}' is not a readable image (UnidentifiedImageError: not an image format Pillow knows)"
-            raise ImageError("image_unreadable", message) from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError("image_unreadable", f"image '{path}' is not a readable image ({type(exc).__name__}: {exc})") from None
+    def decode(self, path: str, verify: bool) -> Image.Image:
+        """The image opened lazily, checked against the pixel limit (and, with `verify`, for structure)."""
+        return decode_image(self._read(safe_relative(path), path), path, self.max_pixels, verify)
 
     def size(self, path: str) -> tuple[int, int]:
         """(width, height), after checking that the file is a readable image within the limit."""
-        return self._decode(path, verify=True).size
+        return self.decode(path, verify=True).size
 
     def open(self, path: str) -> Image.Image:
         """The image decoded and converted to RGB."""
-        img = self._decode(path, verify=False)
-        try:
-            if img.mode == "I" or img.mode.startswith("I;16"):
-                # convert() clips 16-bit values at 255, which turns the image white: scale instead.
-                levels = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257
-                img = Image.fromarray(np.rint(levels).astype(np.uint8))
-            if img.mode in ("RGBA", "LA", "P", "PA"):
-                img = img.convert("RGBA")
-                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, img)
-            return img.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise ImageError("image_unreadable", f"image '{path}' could not be decoded ({exc})") from None
+        return to_rgb(self.decode(path, verify=False), path)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int, verify: bool) -> Image.Image:
+    """An image's bytes opened lazily, after the pixel limit (and, with `verify`, its structure) is checked."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageError(
+                "image_too_large",
+                f"image '{name}' is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}",
+            )
+        if verify:
+            img.verify()  # checks structure and truncation without a full decode
+            img = Image.open(io.BytesIO(data))
+        return img
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        # Pillow's own limit (about 179 Mpx) refuses the header before ours is reached.
+        raise ImageError("image_too_large", f"image '{name}' is too large: {exc}") from None
+    except UnidentifiedImageError:
+        # Pillow's own message names the BytesIO object (a memory address), not the file.
+        message = f"image '{name}' is not a readable image (UnidentifiedImageError: not an image format Pillow knows)"
+        raise ImageError("image_unreadable", message) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError("image_unreadable", f"image '{name}' is not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def to_rgb(img: Image.Image, name: str) -> Image.Image:
+    """The image decoded and converted to RGB (16-bit grey scaled, transparency on white)."""
+    try:
+        if img.mode == "I" or img.mode.startswith("I;16"):
+            # convert() clips 16-bit values at 255, which turns the image white: scale instead.
+            levels = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257
+            img = Image.fromarray(np.rint(levels).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "P", "PA"):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ImageError("image_unreadable", f"image '{name}' could not be decoded ({exc})") from None
 
 
 def _check_file_size(size: int, path: str) -> None:

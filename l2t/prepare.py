@@ -11,8 +11,13 @@ same config trains with.
 - Task templates are mined from the training split only, with the config's
   `templates` settings and the user's additions and removals.
 - `token_lengths` counts each sample's tokens, image tokens included, as
-  training encodes it: training drops the samples over `train.max_length`,
-  and the UI shows and checks the same counts before a run starts.
+  training encodes them (the cached encoding in `l2t.encoding` gives the same
+  counts): training drops the samples over `train.max_length`, and the UI
+  shows and checks the same counts before a run starts.
+
+The samples are checked once per version of the data and kept as memory-mapped
+Arrow rows (`l2t.checked`): the training split is a `SampleRows` sequence, and
+mining streams its messages column.
 """
 
 from __future__ import annotations
@@ -21,22 +26,29 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from l2t.checked import SampleRows, checked_rows, mined_templates
 from l2t.config import Config, ConfigError
 from l2t.data import DataReport, Sample, load_samples
 from l2t.images import ImageError, ImageSource
 from l2t.masking import Encoded, Encoder
+from l2t.sources import DatasetImages, is_hub_spec
 from l2t.synthetic import bundled_dir
-from l2t.templates import TaskTemplate, mine_with_settings
+from l2t.templates import TaskTemplate
 
 
 @dataclass
 class PreparedData:
-    train: list[Sample]
+    train: SampleRows
+    """The training split, read from memory-mapped rows as `Sample`s (a sequence, like a list)."""
     held_out: list[Sample]
-    images: ImageSource | None
+    images: ImageSource | DatasetImages | None
     """Where the samples' images are read from (None for text-only data)."""
     report: DataReport
     templates: list[TaskTemplate]
+    key: str = ""
+    """The checked rows' cache key (`l2t.checked.data_key`)."""
 
 
 def data_paths(config: Config) -> tuple[Path, Path | None, Path | None]:
@@ -47,35 +59,46 @@ def data_paths(config: Config) -> tuple[Path, Path | None, Path | None]:
     if config.preset == "tiny":
         root = bundled_dir()
         return root / "train.json", root, root / "test.json"
-    raise ConfigError("data.path is empty: give your training data with --data FILE (LLaVA or messages JSON/JSONL)")
+    raise ConfigError("data.path is empty: give your training data with --data FILE (LLaVA or messages JSON/JSONL, a save_to_disk folder, parquet/arrow files, hf:<repo_id>)")
+
+
+def held_out_positions(total: int, fraction: float, limit: int, seed: int) -> set[int]:
+    """Which of `total` samples are held out: `fraction` of them (at most `limit`), chosen with `seed`."""
+    count = min(limit, int(round(total * fraction)))
+    if count == 0 or total - count < 1:
+        return set()
+    order = list(range(total))
+    random.Random(seed).shuffle(order)
+    return set(order[:count])
 
 
 def split_held_out(samples: list[Sample], fraction: float, limit: int, seed: int) -> tuple[list[Sample], list[Sample]]:
-    count = min(limit, int(round(len(samples) * fraction)))
-    if count == 0 or len(samples) - count < 1:
-        return samples, []
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:count])
+    held = held_out_positions(len(samples), fraction, limit, seed)
     return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
 
 
-def prepare_data(config: Config) -> PreparedData:
+def prepare_data(config: Config, say=print) -> PreparedData:
     path, image_root, held_out_path = data_paths(config)
     pixels = config.data.max_image_pixels
     try:  # opened once (a zip's index is checked once) and shared by every load below
-        source = ImageSource(image_root or path.parent, max_pixels=pixels)
+        source = ImageSource(image_root or path.parent, max_pixels=pixels) if image_root or not is_hub_spec(str(path)) else None
     except ImageError:
-        source = None  # fine for text-only data; load_samples reports it if a sample needs an image
-    samples, report = load_samples(path, source or image_root, strict=config.data.strict, max_pixels=pixels)
-    images = source if any(s.images for s in samples) else None
+        source = None  # fine for text-only data; the check reports it if a sample needs an image
+    rows, report, images, key = checked_rows(config, path, source or image_root, say=say)
+    images = images if _any_image(rows) else None
+    t = config.train
     if held_out_path is not None:
-        train = samples
+        train, split = rows, [str(held_out_path)]
         held_out, _ = load_samples(held_out_path, source or image_root, max_pixels=pixels)
     else:
-        train, held_out = split_held_out(samples, config.train.eval_fraction, config.train.eval_max_samples, config.train.seed)
-    templates = mine_with_settings([s.instructions() for s in train], config.templates)
-    return PreparedData(train, held_out, images, report, templates)
+        held, split = held_out_positions(len(rows), t.eval_fraction, t.eval_max_samples, t.seed), [t.eval_fraction, t.eval_max_samples, t.seed]
+        train = rows.subset(np.setdiff1d(np.arange(len(rows)), np.fromiter(held, dtype=np.int64)))
+        held_out = [rows[i] for i in sorted(held)]
+    return PreparedData(train, held_out, images, report, mined_templates(config, key, train, split), key)
+
+
+def _any_image(rows: SampleRows) -> bool:
+    return any(any(batch["images"]) for batch in rows.columns(["images"]).iter(batch_size=10_000))
 
 
 def unique_names(ids: list[str]) -> list[str]:

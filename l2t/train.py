@@ -24,6 +24,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import TrainingArguments, set_seed
 
@@ -31,14 +32,16 @@ from l2t import relevance, runs
 from l2t.batch import Collator, Example, TrainingSet, make_example
 from l2t.config import Config, load_config, save_config
 from l2t.data import DataError, Sample, check_lengths
+from l2t.encoding import CachedTrainingSet, cache_key, column, encoded_dataset
 from l2t.errors import L2TError, print_error
 from l2t.evaluate import evaluate_loaded
 from l2t.files import atomic_write_bytes, atomic_write_json
 from l2t.generation import pad_token_id
 from l2t.masking import IGNORE, Encoded, Encoder
 from l2t.models import ModelError, add_lora, compute_dtype, fetch_model, load_base_model, load_processor, source
-from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data, token_lengths
+from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data, token_lengths, unique_names
 from l2t.report import markdown_table
+from l2t.sources import is_hub_spec
 from l2t.templates import TaskTemplate, save_templates
 from l2t.trainer import L2TTrainer, RunFolderCallback, StopOnSignal, is_main_process
 
@@ -62,25 +65,24 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     run_dir, checkpoint = open_run_dir(config, resume, overwrite)
 
     # Data first: everything that can be wrong with it shows before any weights load.
-    data = prepare_data(config)
+    data = prepare_data(config, say=say)
+    rejected = data.report.total - data.report.ok  # before the length check below adds the too-long ones
     say(data.report.summary())
     print_templates(data.templates, config.loss.mode)
     fetch_model(config)  # a hub model's first run: its size, then the download's progress
     processor = load_processor(config.model)
     encoder = Encoder.from_config(config, processor, data.templates)
-    encoded = encode_data(config, data, encoder)
+    encoded = encode_data(config, data, encoder) if config.loss.mode == "l2t_relevance" else encode_cached(config, data, encoder)
     if is_main_process():
         write_run_inputs(config, run_dir, data, checkpoint)
 
     base = load_base_model(config.model, device=device)
-    if config.loss.mode == "l2t_relevance":
-        weigh_by_relevance(config, run_dir, base, processor, encoded, data.images)
-    examples = build_examples(config, encoded, data.report)
+    dataset = encoded if isinstance(encoded, CachedTrainingSet) else relevance_training_set(config, run_dir, base, encoder, encoded, data)
     model = add_adapter(config, base)
     folder, stopper = RunFolderCallback(run_dir, device), StopOnSignal()
     # The stop handler is in place before "running" is announced.
-    trainer = build_trainer(config, run_dir, device, model, TrainingSet(examples, data.images, processor), [stopper, folder])
-    say(f"training {len(examples)} samples, loss mode {config.loss.mode}; run folder {run_dir}")
+    trainer = build_trainer(config, run_dir, device, model, dataset, [stopper, folder])
+    say(f"training {len(dataset)} samples, loss mode {config.loss.mode}; run folder {run_dir}")
     fit(trainer, checkpoint, run_dir, folder, stopper)
 
     step, total = trainer.state.global_step, trainer.state.max_steps
@@ -90,8 +92,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
         return run_dir
     if is_main_process() and data.held_out and config.train.preview_samples > 0:
         evaluate_held_out(run_dir, model, encoder, data, config.train.preview_samples)
-    skipped = data.report.total - data.report.ok + len(encoded) - len(examples)  # bad, too long, or nothing to learn
-    folder.status("finished", step=step, total=total, trained=len(examples), skipped=skipped)
+    skipped = rejected + len(data.train) - len(dataset)  # bad, too long, or nothing to learn
+    folder.status("finished", step=step, total=total, trained=len(dataset), skipped=skipped)
     say(f"done. run folder: {run_dir}  (adapter: {run_dir / runs.ADAPTER})")
     return run_dir
 
@@ -144,6 +146,30 @@ def encode_data(config: Config, data: PreparedData, encoder: Encoder) -> list[tu
     return encoded
 
 
+def encode_cached(config: Config, data: PreparedData, encoder: Encoder) -> CachedTrainingSet:
+    """The training split as memory-mapped token columns (`l2t.encoding`); samples over train.max_length, or with
+    nothing to learn, are left out (the first kind counted in the report)."""
+    table = encoded_dataset(data.train, encoder, config, cache_key(config, data.key, encoder), say=say)
+    lengths, in_loss = column(table, "length"), column(table, "in_loss")
+    over = np.nonzero(lengths > config.train.max_length)[0]
+    if len(over):
+        names = unique_names(data.train.ids())
+        check_lengths({names[i]: int(lengths[i]) for i in over}, config.train.max_length, data.report)
+        say(f"{len(over)} sample(s) exceed train.max_length={config.train.max_length} with their image tokens and are skipped")
+        if config.data.strict:
+            raise DataError(f"{len(over)} sample(s) longer than train.max_length (strict mode)\n" + data.report.summary(), data.report)
+    kept = np.nonzero((lengths <= config.train.max_length) & (in_loss > 1))[0]
+    if not len(kept):
+        raise DataError("no sample is left to train on after the checks above\n" + data.report.summary(), data.report)
+    return CachedTrainingSet(table, kept, data.images, encoder.processor, encoder)
+
+
+def relevance_training_set(config: Config, run_dir: Path, base, encoder: Encoder, encoded, data: PreparedData) -> TrainingSet:
+    """loss.mode=l2t_relevance: the weights come from the base model's pass over the encoded samples, held in memory."""
+    weigh_by_relevance(config, run_dir, base, encoder.processor, encoded, data.images)
+    return TrainingSet(build_examples(config, encoded, data.report), data.images, encoder.processor)
+
+
 def weigh_by_relevance(config: Config, run_dir: Path, base, processor, encoded: list[tuple[Sample, Encoded]], images) -> None:
     """loss.mode=l2t_relevance: the base model's relevance pass (cached in the run folder), its weights and their summary."""
     samples, tokens = [s for s, _ in encoded], [e for _, e in encoded]
@@ -173,8 +199,9 @@ def write_run_inputs(config: Config, run_dir: Path, data: PreparedData, checkpoi
     resolved = copy.deepcopy(config)
     resolved.output = str(run_dir)
     path, image_root, _ = data_paths(config)
-    resolved.data.path = str(path.resolve())
-    resolved.data.images = str((image_root or path.parent).resolve())
+    resolved.data.path = str(path) if is_hub_spec(str(path)) else str(path.resolve())
+    hub = is_hub_spec(str(path)) and not image_root  # a hub dataset's images are in it
+    resolved.data.images = "" if hub else str((image_root or path.parent).resolve())
     save_config(resolved, run_dir / runs.CONFIG)
     save_templates(run_dir / runs.TEMPLATES, data.templates, dict(config.templates.__dict__))
     atomic_write_json(run_dir / runs.DATA_REPORT, data.report.to_dict())
@@ -195,7 +222,7 @@ def add_adapter(config: Config, base):
     return model
 
 
-def build_trainer(config: Config, run_dir: Path, device: str, model, dataset: TrainingSet, callbacks: list) -> L2TTrainer:
+def build_trainer(config: Config, run_dir: Path, device: str, model, dataset: TrainingSet | CachedTrainingSet, callbacks: list) -> L2TTrainer:
     """The Hugging Face Trainer with the L2T loss, set up from the config's `train` section."""
     t = config.train
     args = TrainingArguments(
@@ -221,6 +248,7 @@ def build_trainer(config: Config, run_dir: Path, device: str, model, dataset: Tr
         dataloader_pin_memory=device == "cuda",
         use_cpu=device == "cpu",
         ddp_find_unused_parameters=False,
+        dataloader_num_workers=t.dataloader_workers,
         disable_tqdm=not is_main_process(),
     )
     return L2TTrainer(

@@ -5,9 +5,11 @@ Also the rule on skips: a skip that tests/allowed_skips.txt does not list fails 
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +20,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tiny models are far faster on one thread than on two contended ones (subprocesses inherit this).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "L2T_CACHE" not in os.environ:  # encoded-data caches of this session only (subprocesses inherit it)
+    os.environ["L2T_CACHE"] = tempfile.mkdtemp(prefix="l2t-cache-")
+    atexit.register(shutil.rmtree, os.environ["L2T_CACHE"], True)
 
 import torch  # noqa: E402
 

@@ -82,8 +82,27 @@ def test_data_commands_run_as_written(command, tmp_path, monkeypatch, capsys):
     module = importlib.import_module(argv[2])
     args = [str(REPO / a) if a.startswith("l2t/assets") else a for a in argv[3:]]
     monkeypatch.chdir(tmp_path)  # commands that write do so here
+    if any(a.startswith("data/shapes") for a in args):
+        write_shapes_datasets(tmp_path / "data")
     assert module.main(args) in (0, None)
     assert capsys.readouterr().out.strip()
+
+
+def write_shapes_datasets(folder: Path, count: int = 20) -> None:
+    """The README's datasets: bundled samples with embedded images, saved with save_to_disk and as two parquet files."""
+    import json
+
+    import datasets
+
+    shapes = REPO / "l2t" / "assets" / "shapes"
+    records = json.loads((shapes / "train.json").read_text())[:count]
+    dataset = datasets.Dataset.from_dict(
+        {"conversations": [r["conversations"] for r in records], "image": [(shapes / r["image"]).read_bytes() for r in records]},
+        features=datasets.Features({"conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}), "image": datasets.Image()}),
+    )
+    dataset.save_to_disk(str(folder / "shapes_hf"))
+    for part in range(2):
+        dataset.shard(2, part).to_parquet(str(folder / f"shapes-{part}.parquet"))
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith(("python -m l2t.evaluate", "python -m l2t.merge"))])
