@@ -346,6 +346,15 @@ class DatasetImages:
     def __repr__(self) -> str:
         return f"DatasetImages({self.column!r}, files={self.files!r})"
 
+    @property
+    def top_folder(self) -> str:
+        """As `ImageSource.top_folder`, for the images named by path."""
+        return self.files.top_folder if self.files is not None else ""
+
+    @property
+    def read_from_top_folder(self) -> int:
+        return self.files.read_from_top_folder if self.files is not None else 0
+
     def _embedded(self, ref: str) -> bytes:
         row, k = (int(x) for x in ref[len(EMBEDDED) :].split(":"))
         value = self.dataset[row][self.column].to_pylist()[0]

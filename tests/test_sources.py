@@ -208,7 +208,7 @@ def test_the_data_tab_reads_a_dataset_on_the_server(shapes, tmp_path):
     from app.data_tab import load_server_paths
 
     llava_dataset(shapes).save_to_disk(str(tmp_path / "shapes_hf"))
-    context = AppContext(tmp_path / "runs", tmp_path / "uploads", jobs=None)
+    context = AppContext(tmp_path / "runs", tmp_path / "uploads", jobs=None, data_roots=(tmp_path,))
     selection, report, gallery, *_ = load_server_paths(context, str(tmp_path / "shapes_hf"), "", "tiny", "l2t")
     assert selection.path == str((tmp_path / "shapes_hf").resolve())
     assert f"{SAMPLES} of {SAMPLES} samples usable" in report
@@ -223,7 +223,7 @@ def test_a_parquet_upload_is_stored_and_read(shapes, tmp_path):
     llava_dataset(shapes).to_parquet(str(tmp_path / "mine.parquet"))
     (tmp_path / "session").mkdir()
     stored = store_data_file(tmp_path / "mine.parquet", tmp_path / "session")
-    assert stored.name == "data.parquet" and len(load_samples(stored)[0]) == SAMPLES
+    assert stored.name == "mine.parquet" and len(load_samples(stored)[0]) == SAMPLES  # kept under its own name
     (tmp_path / "mine.csv").write_text("a,b\n")
     with pytest.raises(UploadError, match="is not a .json, .jsonl or .parquet data file"):
         store_data_file(tmp_path / "mine.csv", tmp_path / "session")
