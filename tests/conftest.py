@@ -122,6 +122,23 @@ def response_run(tmp_path_factory) -> Path:
     return train_tiny(tmp_path_factory.mktemp("runs") / "tiny-response", "loss.mode=response")
 
 
+def copy_run(source: Path, target: Path, adapter: bool = True) -> Path:
+    """A copy of a run folder to write into (reports, merges), without its checkpoints and earlier evaluation."""
+    from l2t import runs
+
+    ignore = [runs.CHECKPOINTS, runs.EVAL] + ([] if adapter else [runs.ADAPTER])
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*ignore))
+    return target
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run):
+    """(model, encoder) of the session's tiny run, loaded once per test module."""
+    from l2t import generation, runs
+
+    return generation.load_run(runs.open_trained_run(trained_run))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,26 +1,15 @@
 """Where the model looks: attention shares per answer token, the evaluation's summary and --attention charts."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
+from conftest import copy_run
 
 from l2t import attention, evaluate, generation, runs
 from l2t.data import load_samples
 from l2t.images import ImageSource
 from l2t.synthetic import bundled_dir
-
-
-def copy_run(source, target):
-    """A copy of a run folder to write reports into, without its checkpoints."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints", runs.EVAL))
-    return target
-
-
-@pytest.fixture(scope="module")
-def loaded(trained_run):
-    return generation.load_run(runs.open_trained_run(trained_run))
 
 
 @pytest.fixture(scope="module")

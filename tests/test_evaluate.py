@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_run
 
 from l2t import answers, evaluate, generation, runs
 from l2t.data import load_samples
@@ -18,21 +19,9 @@ from l2t.synthetic import bundled_dir
 ZERO_TOLERANCE = 1e-6
 
 
-def copy_run(source: Path, target: Path, adapter: bool = True) -> Path:
-    """A copy of a run folder to write reports into, without its checkpoints."""
-    ignore = ["checkpoints", runs.EVAL] + ([] if adapter else [runs.ADAPTER])
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*ignore))
-    return target
-
-
 @pytest.fixture(scope="module")
 def run_dir(trained_run, tmp_path_factory) -> Path:
     return copy_run(trained_run, tmp_path_factory.mktemp("eval") / "tiny-l2t")
-
-
-@pytest.fixture(scope="module")
-def loaded(trained_run):
-    return generation.load_run(runs.open_trained_run(trained_run))
 
 
 @pytest.fixture(scope="module")
