@@ -13,7 +13,6 @@ for each training split and `templates` setting.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
@@ -28,7 +27,7 @@ import numpy as np
 from l2t.config import Config
 from l2t.data import DataReport, Problem, Sample, finish_report, open_images, read_data
 from l2t.images import ImageError
-from l2t.sources import dataset_images, is_dataset, is_hub_spec
+from l2t.sources import data_files, dataset_images, is_dataset, is_hub_spec
 from l2t.templates import TaskTemplate, load_templates, mine_with_settings, save_templates
 
 FORMAT_VERSION = 1
@@ -48,7 +47,7 @@ def _files_of(spec: str) -> list[Path]:
     path = Path(spec)
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
-    return [Path(p) for p in sorted(glob.glob(spec))] if glob.has_magic(spec) else [path]
+    return data_files(spec)
 
 
 def data_key(config: Config, data_path: Path, image_root) -> str:
@@ -109,7 +108,7 @@ def checked_rows(config: Config, path: Path, images, say=print) -> tuple[SampleR
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
-        _write_rows(temporary / ROWS, samples, report, say)
+        _write_rows(temporary / ROWS, samples, report)
         finish_report(report, config.data.strict)
         (temporary / REPORT).write_text(json.dumps(report.to_dict(), ensure_ascii=False))
         try:
@@ -122,7 +121,7 @@ def checked_rows(config: Config, path: Path, images, say=print) -> tuple[SampleR
     return SampleRows(datasets.Dataset.from_file(str(folder / ROWS))), report, source, key
 
 
-def _write_rows(path: Path, samples: Iterator[Sample], report: DataReport, say) -> None:
+def _write_rows(path: Path, samples: Iterator[Sample], report: DataReport) -> None:
     from datasets.arrow_writer import ArrowWriter
     from tqdm.auto import tqdm
 

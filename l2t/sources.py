@@ -60,6 +60,11 @@ def is_dataset(spec: str | Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
 
 
+def data_files(spec: str) -> list[Path]:
+    """The files a parquet/arrow spec names: the matches of a glob (sorted), else the one path."""
+    return [Path(p) for p in sorted(glob.glob(spec))] if glob.has_magic(spec) else [Path(spec)]
+
+
 def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
     """`hf:<repo_id>[:<config>][@<split>]` -> (repo id, config or None, split; default train)."""
     body = spec[len(HUB_PREFIX) :]
@@ -85,7 +90,7 @@ def open_dataset(spec: str | Path):
             if isinstance(loaded, datasets.DatasetDict):
                 loaded = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
             return loaded
-        files = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        files = [str(f) for f in data_files(text)]
         if not files:
             raise SourceError("file_unreadable", f"{text}: [file_unreadable] no file matches")
         for file in files:

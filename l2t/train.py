@@ -37,7 +37,7 @@ from l2t.errors import L2TError, print_error
 from l2t.evaluate import evaluate_loaded
 from l2t.files import atomic_write_bytes, atomic_write_json
 from l2t.generation import pad_token_id
-from l2t.masking import IGNORE, Encoded, Encoder
+from l2t.masking import IGNORE, LOSS_ROLES, Encoded, Encoder, Role
 from l2t.models import ModelError, add_lora, compute_dtype, fetch_model, load_base_model, load_processor, source
 from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data, token_lengths, unique_names
 from l2t.report import markdown_table
@@ -72,12 +72,13 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Path
     fetch_model(config)  # a hub model's first run: its size, then the download's progress
     processor = load_processor(config.model)
     encoder = Encoder.from_config(config, processor, data.templates)
-    encoded = encode_data(config, data, encoder) if config.loss.mode == "l2t_relevance" else encode_cached(config, data, encoder)
+    weighed = config.loss.mode == "l2t_relevance"  # its weights need the base model: encoded in memory, not cached
+    encoded = encode_data(config, data, encoder) if weighed else encode_cached(config, data, encoder)
     if is_main_process():
         write_run_inputs(config, run_dir, data, checkpoint)
 
     base = load_base_model(config.model, device=device)
-    dataset = encoded if isinstance(encoded, CachedTrainingSet) else relevance_training_set(config, run_dir, base, encoder, encoded, data)
+    dataset = relevance_training_set(config, run_dir, base, encoder, encoded, data) if weighed else encoded
     model = add_adapter(config, base)
     folder, stopper = RunFolderCallback(run_dir, device), StopOnSignal()
     # The stop handler is in place before "running" is announced.
@@ -125,7 +126,8 @@ def open_run_dir(config: Config, resume: bool, overwrite: bool) -> tuple[Path, P
 
 
 def print_templates(templates: list[TaskTemplate], mode: str) -> None:
-    used = "kept out of the instruction loss" if mode in ("l2t", "l2t_relevance") else f"not used by loss mode {mode}"
+    roles = LOSS_ROLES[mode]  # templates matter where the instructions are in the loss and the templates are not
+    used = "kept out of the instruction loss" if Role.INSTRUCTION in roles and Role.TASK_TEMPLATE not in roles else f"not used by loss mode {mode}"
     say(f"task templates ({len(templates)}, {used}):")
     for t in templates:
         say(f"  {t.count:>7}  {t.fraction:6.1%}  {t.sentence}")
@@ -133,16 +135,12 @@ def print_templates(templates: list[TaskTemplate], mode: str) -> None:
 
 def encode_data(config: Config, data: PreparedData, encoder: Encoder) -> list[tuple[Sample, Encoded]]:
     """The training samples as token ids with a role each; samples over train.max_length are dropped and counted."""
-    tokens, lengths = token_lengths(data.train, encoder)
-    encoded, names = list(zip(data.train, tokens, strict=True)), list(lengths)
-    too_long = check_lengths(lengths, config.train.max_length, data.report)
-    if too_long:
-        say(f"{len(too_long)} sample(s) exceed train.max_length={config.train.max_length} with their image tokens and are skipped")
-        if config.data.strict:
-            raise DataError(f"{len(too_long)} sample(s) longer than train.max_length (strict mode)\n" + data.report.summary(), data.report)
-        encoded = [pair for pair, name in zip(encoded, names) if name not in too_long]
+    samples = list(data.train)  # read from the Arrow rows once: this mode keeps them in memory
+    tokens, lengths = token_lengths(samples, encoder)
+    too_long = skip_too_long(config, data, lengths)
+    encoded = [pair for pair, name in zip(zip(samples, tokens, strict=True), lengths) if name not in too_long]
     if not encoded:
-        raise DataError("no sample is left to train on after the checks above\n" + data.report.summary(), data.report)
+        raise nothing_left(data.report)
     return encoded
 
 
@@ -154,14 +152,25 @@ def encode_cached(config: Config, data: PreparedData, encoder: Encoder) -> Cache
     over = np.nonzero(lengths > config.train.max_length)[0]
     if len(over):
         names = unique_names(data.train.ids())
-        check_lengths({names[i]: int(lengths[i]) for i in over}, config.train.max_length, data.report)
-        say(f"{len(over)} sample(s) exceed train.max_length={config.train.max_length} with their image tokens and are skipped")
-        if config.data.strict:
-            raise DataError(f"{len(over)} sample(s) longer than train.max_length (strict mode)\n" + data.report.summary(), data.report)
+        skip_too_long(config, data, {names[i]: int(lengths[i]) for i in over})
     kept = np.nonzero((lengths <= config.train.max_length) & (in_loss > 1))[0]
     if not len(kept):
-        raise DataError("no sample is left to train on after the checks above\n" + data.report.summary(), data.report)
+        raise nothing_left(data.report)
     return CachedTrainingSet(table, kept, data.images, encoder.processor, encoder)
+
+
+def skip_too_long(config: Config, data: PreparedData, lengths: dict[str, int]) -> set[str]:
+    """The samples over train.max_length, counted in the report and said; in strict mode they stop the run."""
+    too_long = check_lengths(lengths, config.train.max_length, data.report)
+    if too_long:
+        say(f"{len(too_long)} sample(s) exceed train.max_length={config.train.max_length} with their image tokens and are skipped")
+        if config.data.strict:
+            raise DataError(f"{len(too_long)} sample(s) longer than train.max_length (strict mode)\n" + data.report.summary(), data.report)
+    return too_long
+
+
+def nothing_left(report) -> DataError:
+    return DataError("no sample is left to train on after the checks above\n" + report.summary(), report)
 
 
 def relevance_training_set(config: Config, run_dir: Path, base, encoder: Encoder, encoded, data: PreparedData) -> TrainingSet:
@@ -190,7 +199,7 @@ def build_examples(config: Config, encoded: list[tuple[Sample, Encoded]], report
     examples = [make_example(sample, e, lo.mode, lo.instruction_weight, lo.response_weight) for sample, e in encoded]
     examples = [e for e in examples if (e.labels != IGNORE).sum() > 1]
     if not examples:
-        raise DataError("no sample is left to train on after the checks above\n" + report.summary(), report)
+        raise nothing_left(report)
     return examples
 
 
