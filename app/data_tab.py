@@ -64,8 +64,7 @@ def reported(load, previous: DataSelection | None, *args):
     """Run a load; a user error becomes the report's message (one log line), a bug a message and its traceback in the log."""
     try:
         return load(*args)
-    except gr.Error as exc:
-        log.info("data not loaded: %s", exc.message)
+    except gr.Error as exc:  # `guarded` has logged it
         return _not_loaded(previous, html.unescape(exc.message))
 
 
@@ -88,7 +87,6 @@ def load_upload(context: AppContext, data_file, images_zip, preset: str, mode: s
         message = str(exc).replace(f"{data_path.parent}{os.sep}", "")
         hint = datasets.missing_images_hint(selection, getattr(exc, "report", None))
         message += f"\n{hint}" if hint else ""
-        log.info("load upload: %s", message)
         raise gr.Error(html.escape(message), print_exception=False) from None
 
 
@@ -178,7 +176,7 @@ def _sources(context: AppContext) -> SimpleNamespace:
         gr.Markdown("Synthetic shapes with known answers: trains on a CPU in a minute.", elem_classes="l2t-hint")
         with gr.Accordion("Upload your own", open=True):
             data_file = gr.File(
-                label="Data file: LLaVA or messages JSON / JSONL, or parquet", file_types=[".json", ".jsonl", ".parquet"], height=120, elem_id="upload-data"
+                label="Data file: LLaVA or messages JSON / JSONL, or parquet", file_types=list(uploads.DATA_SUFFIXES), height=120, elem_id="upload-data"
             )
             images_zip = gr.File(label="Images: a .zip (paths in the data are relative to its root)", file_types=[".zip"], height=120, elem_id="upload-images")
             upload = gr.Button("Load the upload")

@@ -176,8 +176,8 @@ def report_html(inspection: Inspection, selection: DataSelection) -> str:
             f"The images are inside the folder '{images.top_folder}/' of {Path(selection.images).name}, one level deeper than "
             f"the paths in the data: they are read from there ({images.read_from_top_folder} found)."
         )
-    if missing_images_hint(selection, report):
-        notes.append(missing_images_hint(selection, report))
+    if hint := missing_images_hint(selection, report):
+        notes.append(hint)
     head += "".join(notice(note, "info") for note in notes)
     if not report.problems:
         return head

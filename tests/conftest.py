@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tools.mutations import UNLISTED_SKIPS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -74,7 +76,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_terminal_summary(terminalreporter):
     if _unlisted_skips:
-        terminalreporter.section("skips that tests/allowed_skips.txt does not allow", red=True)
+        terminalreporter.section(UNLISTED_SKIPS, red=True)
         for line in _unlisted_skips:
             terminalreporter.line(line, red=True)
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_TIMEOUT_S = 600
+UNLISTED_SKIPS = "skips that tests/allowed_skips.txt does not allow"
+"""The title of the section in which tests/conftest.py lists the skips that fail a run."""
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,8 @@ def how_it_failed(test: str, output: str) -> str | None:
     for line in lines:
         if line == f"FAILED {test}" or line.startswith(f"FAILED {test} - "):
             return line.removeprefix(f"FAILED {test}").removeprefix(" - ") or "failed"
-    if "skips that tests/allowed_skips.txt does not allow" in output:
-        allowed_section = output[output.index("skips that tests/allowed_skips.txt does not allow") :].splitlines()[1:]
+    if UNLISTED_SKIPS in output:
+        allowed_section = output[output.index(UNLISTED_SKIPS) :].splitlines()[1:]
         for line in allowed_section:
             if line.startswith((f"{test}: ", f"{test}::")):
                 return "skipped, and the skip is not allowed: " + line
