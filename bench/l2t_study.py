@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from l2t.report import table_value  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 ARMS = {
@@ -117,10 +119,17 @@ def paper_items():
     return items
 
 
-def paper_model_and_encoder():
+def paper_scenes() -> list:
+    """The paper setting's stage-2 training scenes: the same for every arm and seed (seeds change the order)."""
+    from l2t.pretrain import scenes
+
+    return scenes("study", PAPER_SCENES, 0, "base")
+
+
+def paper_model_and_encoder(pairs: list):
+    """The stage-1 model and an encoder with the task templates mined from the stage-2 scenes."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from l2t import pretrain
     from l2t.chat import FORMATS
     from l2t.config import BUILTIN_MODELS, TemplatesConfig
     from l2t.masking import Encoder
@@ -129,7 +138,7 @@ def paper_model_and_encoder():
 
     folder = BUILTIN_MODELS["builtin:tiny-stage1"]
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype="float32")
-    instructions = [s.instructions() for s, _ in pretrain.scenes("study", PAPER_SCENES, 0, "base")]
+    instructions = [s.instructions() for s, _ in pairs]
     templates = [t.sentence for t in mine_with_settings(instructions, TemplatesConfig())]
     encoder = Encoder(AutoProcessor.from_pretrained(folder), FORMATS[PROMPT_FORMAT], templates)
     return model, encoder
@@ -145,11 +154,10 @@ class InMemoryImages:
         return self.pictures[path]
 
 
-def paper_relevance(out: Path, model, encoder) -> list:
+def paper_relevance(out: Path, model, encoder, pairs: list) -> list:
     """The stage-1 model's relevance of every instruction token of the stage-2 data (cached: the same for every seed)."""
-    from l2t import pretrain, relevance
+    from l2t import relevance
 
-    pairs = pretrain.scenes("study", PAPER_SCENES, 0, "base")
     samples = [s for s, _ in pairs]
     encoded = encoder.encode_many([(s.messages, s.image_sizes) for s in samples])
     key = relevance.cache_key("builtin:tiny-stage1", encoded, samples)
@@ -167,9 +175,9 @@ def run_paper(arm: str, seed: int, run_dir: Path) -> dict:
     from l2t.tiny import BATCH_SIZE, LEARNING_RATE
 
     loss = load_config("tiny", overrides=ARMS[arm]).loss
-    model, encoder = paper_model_and_encoder()
-    values = paper_relevance(run_dir.parent.parent, model, encoder) if loss.mode == "l2t_relevance" else None
-    pairs = pretrain.scenes("study", PAPER_SCENES, 0, "base")
+    pairs = paper_scenes()  # built once: templates, relevance and training
+    model, encoder = paper_model_and_encoder(pairs)
+    values = paper_relevance(run_dir.parent.parent, model, encoder, pairs) if loss.mode == "l2t_relevance" else None
     data = pretrain.encode_scenes(pairs, encoder, loss.mode, loss.instruction_weight, 1.0, values, loss.relevance_nats)
     pretrain.set_trainable(model, ("projector", "language"))
     torch.manual_seed(seed)
@@ -183,7 +191,7 @@ def paper_base() -> dict:
     from l2t.answers import answer_items
     from l2t.scoring import score_answers
 
-    model, encoder = paper_model_and_encoder()
+    model, encoder = paper_model_and_encoder(paper_scenes())
     items = paper_items()
     return score_answers(items, answer_items("stage 1", model, encoder, items, 48, 32))[0]
 
@@ -194,7 +202,7 @@ def run_one(job: tuple[str, str, int, str]) -> tuple[tuple[str, str, int], float
 
     torch.set_num_threads(1)
     setting, arm, seed, out = job
-    run_dir = Path(out) / setting / f"{arm.replace(' ', '_').replace('=', '')}-seed{seed}"
+    run_dir = summary_path(Path(out), setting, arm, seed).parent
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -209,14 +217,6 @@ def summary_path(out: Path, setting: str, arm: str, seed: int) -> Path:
 
 
 # ---------------------------------------------------------------- statistics
-
-
-def value(summary: dict, path: tuple) -> float | None:
-    for key in path:
-        if not isinstance(summary, dict) or key not in summary:
-            return None
-        summary = summary[key]
-    return summary
 
 
 def interval(numbers: list[float]) -> tuple[float, float] | None:
@@ -238,14 +238,14 @@ def show(found: tuple[float, float] | None, signed: bool = False) -> str:
 
 def tables(results: dict, setting: str, seeds: list[int], base: dict | None) -> list[str]:
     """Per arm: mean ± CI of each metric; then each arm's same-seed difference from response."""
-    present = [m for m in METRICS if any(value(results[(setting, arm, s)]["tuned"], m[1]) is not None for arm in ARMS for s in seeds)]
+    present = [m for m in METRICS if any(table_value(results[(setting, arm, s)]["tuned"], *m[1]) is not None for arm in ARMS for s in seeds)]
     header = "| arm | " + " | ".join(m[0] for m in present) + " |"
     rule = "|---|" + "---:|" * len(present)
     lines = [header, rule]
     if base is not None:
-        lines.append("| before tuning | " + " | ".join(_plain(value(base, m[1])) for m in present) + " |")
+        lines.append("| before tuning | " + " | ".join(_plain(table_value(base, *m[1])) for m in present) + " |")
     for arm in ARMS:
-        per_seed = [[value(results[(setting, arm, s)]["tuned"], m[1]) for s in seeds] for m in present]
+        per_seed = [[table_value(results[(setting, arm, s)]["tuned"], *m[1]) for s in seeds] for m in present]
         lines.append(f"| {arm} | " + " | ".join(show(interval([v for v in vs if v is not None])) for vs in per_seed) + " |")
     lines += ["", "Same-seed difference from `response` (mean ± 95% CI over seeds):", "", header, rule]
     for arm in list(ARMS)[1:]:
@@ -254,8 +254,8 @@ def tables(results: dict, setting: str, seeds: list[int], base: dict | None) -> 
             diffs = [
                 a - b
                 for s in seeds
-                if (a := value(results[(setting, arm, s)]["tuned"], m[1])) is not None
-                and (b := value(results[(setting, "response", s)]["tuned"], m[1])) is not None
+                if (a := table_value(results[(setting, arm, s)]["tuned"], *m[1])) is not None
+                and (b := table_value(results[(setting, "response", s)]["tuned"], *m[1])) is not None
             ]
             cells.append(show(interval(diffs), signed=True))
         lines.append(f"| {arm} − response | " + " | ".join(cells) + " |")
@@ -273,8 +273,8 @@ def verdicts(results: dict, setting: str, seeds: list[int], arm: str) -> dict[st
         diffs = [
             a - b
             for s in seeds
-            if (a := value(results[(setting, arm, s)]["tuned"], path)) is not None
-            and (b := value(results[(setting, "response", s)]["tuned"], path)) is not None
+            if (a := table_value(results[(setting, arm, s)]["tuned"], *path)) is not None
+            and (b := table_value(results[(setting, "response", s)]["tuned"], *path)) is not None
         ]
         estimate = interval(diffs)
         if direction == 0 or estimate is None or math.isnan(estimate[1]):
@@ -302,7 +302,7 @@ def reading(results: dict, setting: str, seeds: list[int]) -> list[str]:
 
 
 def mean_of(results: dict, setting: str, arm: str, seeds: list[int], path: tuple) -> float | None:
-    values = [v for s in seeds if (v := value(results[(setting, arm, s)]["tuned"], path)) is not None]
+    values = [v for s in seeds if (v := table_value(results[(setting, arm, s)]["tuned"], *path)) is not None]
     return statistics.fmean(values) if values else None
 
 
@@ -456,7 +456,8 @@ def main() -> int:
     ]
     if "paper" in args.settings and any(arm == "l2t_relevance" and setting == "paper" for setting, arm, _, _ in jobs):
         print("the stage-1 model's relevance pass over the paper setting's data (once for every seed)", flush=True)
-        paper_relevance(out, *paper_model_and_encoder())
+        pairs = paper_scenes()
+        paper_relevance(out, *paper_model_and_encoder(pairs), pairs)
     print(f"{len(jobs)} runs to do, {args.workers} at a time", flush=True)
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for (setting, arm, seed), seconds in pool.imap_unordered(run_one, jobs):
