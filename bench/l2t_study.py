@@ -178,7 +178,7 @@ def run_paper(arm: str, seed: int, run_dir: Path) -> dict:
     pairs = paper_scenes()  # built once: templates, relevance and training
     model, encoder = paper_model_and_encoder(pairs)
     values = paper_relevance(run_dir.parent.parent, model, encoder, pairs) if loss.mode == "l2t_relevance" else None
-    data = pretrain.encode_scenes(pairs, encoder, loss.mode, loss.instruction_weight, 1.0, values, loss.relevance_nats)
+    data = pretrain.encode_scenes(pairs, encoder, loss, values)
     pretrain.set_trainable(model, ("projector", "language"))
     torch.manual_seed(seed)
     losses = pretrain.fit(model, data, pretrain.Schedule(PAPER_STEPS, BATCH_SIZE, LEARNING_RATE), seed, encoder.tokenizer.pad_token_id)

@@ -157,6 +157,12 @@ def evaluate_runs(run_dirs: list[str | Path], settings: Settings) -> tuple[dict,
     results: list[ModelAnswers] = []
     looks: list[dict] = []
     done_bases: dict[tuple, ModelAnswers] = {}
+
+    def look(name: str, model, encoder, answers: ModelAnswers) -> None:
+        """With --attention: where this model looks at the chosen sample, for its own answer."""
+        if looked_at is not None:
+            looks.append(where_it_looks(name, model, encoder, looked_at, answers.answers[items.index(looked_at)], settings.attention_layers))
+
     for label, folder in by_label.items():
         model, encoder = load_run(folder)
         key = base_model_key(folder)
@@ -165,12 +171,10 @@ def evaluate_runs(run_dirs: list[str | Path], settings: Settings) -> tuple[dict,
             with base_model_context(model):
                 name = "base" if len(bases) == 1 else f"base: {folder.config.model.hub_id} ({folder.config.model.quant})"
                 done_bases[key] = answer_items(name, model, encoder, items, settings.max_new_tokens, settings.batch_size)
-                if looked_at is not None:
-                    looks.append(where_it_looks(name, model, encoder, looked_at, done_bases[key].answers[items.index(looked_at)], settings.attention_layers))
+                look(name, model, encoder, done_bases[key])
             results.append(done_bases[key])
         results.append(answer_items(label, model, encoder, items, settings.max_new_tokens, settings.batch_size))
-        if looked_at is not None:
-            looks.append(where_it_looks(label, model, encoder, looked_at, results[-1].answers[items.index(looked_at)], settings.attention_layers))
+        look(label, model, encoder, results[-1])
         del model
     evaluation = build_report(by_label, items, skipped, results, settings, data_report)
     if looked_at is not None:

@@ -25,6 +25,7 @@ import torch
 
 from l2t import relevance, synthetic
 from l2t.batch import process_images
+from l2t.config import LossConfig
 from l2t.data import Sample, parse_record
 from l2t.loss import labelled_token_loss
 from l2t.masking import IGNORE, Encoder, labels_and_weights
@@ -35,7 +36,6 @@ class Scenes:
     """Synthetic samples with their images, encoded for one model."""
 
     samples: list[Sample]
-    pictures: list  # PIL image or None, one per sample
     input_ids: list[torch.Tensor]
     labels: list[torch.Tensor]
     weights: list[torch.Tensor]
@@ -56,24 +56,16 @@ def scenes(
     return out
 
 
-def encode_scenes(
-    pairs: list[tuple[Sample, object]],
-    encoder: Encoder,
-    mode: str,
-    instruction_weight: float = 1.0,
-    response_weight: float = 1.0,
-    relevance_values: list[np.ndarray] | None = None,
-    relevance_nats: float = 1.0,
-) -> Scenes:
-    """The samples' tokens, labels and weights under a loss mode (l2t_relevance: from `l2t.relevance` values), and their pixels."""
+def encode_scenes(pairs: list[tuple[Sample, object]], encoder: Encoder, loss: LossConfig, relevance_values: list[np.ndarray] | None = None) -> Scenes:
+    """The samples' tokens, labels and weights under `loss` (l2t_relevance: from `l2t.relevance` values), and their pixels."""
     samples = [s for s, _ in pairs]
     pictures = [p for _, p in pairs]
     encoded = encoder.encode_many([(s.messages, s.image_sizes) for s in samples])
     if relevance_values is not None:
-        relevance.apply_weights(encoded, relevance_values, relevance_nats)
+        relevance.apply_weights(encoded, relevance_values, loss.relevance_nats)
     input_ids, labels, weights = [], [], []
     for e in encoded:
-        lab, w = labels_and_weights(e, mode, instruction_weight, response_weight)
+        lab, w = labels_and_weights(e, loss.mode, loss.instruction_weight, loss.response_weight)
         input_ids.append(torch.from_numpy(e.input_ids))
         labels.append(torch.from_numpy(lab))
         weights.append(torch.from_numpy(w))
@@ -83,7 +75,7 @@ def encode_scenes(
     for p in pictures:
         rows.append(next_row if p is not None else -1)
         next_row += p is not None
-    return Scenes(samples, pictures, input_ids, labels, weights, pixel_values, rows)
+    return Scenes(samples, input_ids, labels, weights, pixel_values, rows)
 
 
 def collate(data: Scenes, indices: list[int], pad_id: int) -> dict:
@@ -110,8 +102,8 @@ def collate(data: Scenes, indices: list[int], pad_id: int) -> dict:
 @dataclass
 class Schedule:
     steps: int
-    batch_size: int = 32
-    learning_rate: float = 2e-3
+    batch_size: int
+    learning_rate: float
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -141,8 +141,8 @@ def score_answers(items: list, result) -> tuple[dict, list[dict]]:
             per_sample[i]["correct"] = correct
     yes_no = subset("yes_no")
     if yes_no:
-        pope = metrics.pope_scores([result.answers[i] for i in yes_no], [metrics.parse_yes_no(items[i].reference) for i in yes_no])
         references = [metrics.parse_yes_no(items[i].reference) for i in yes_no]
+        pope = metrics.pope_scores([result.answers[i] for i in yes_no], references)
         summary["yes_no"] = {
             "samples": len(yes_no),
             **{k: pope[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "no_answer")},

@@ -47,7 +47,7 @@ from l2t import chat, scenes, synthetic
 from l2t import pretrain as loop
 from l2t.answers import visual_contribution
 from l2t.chat import FORMATS, to_jinja
-from l2t.config import BUILTIN_MODELS
+from l2t.config import BUILTIN_MODELS, LossConfig
 from l2t.generation import generate
 from l2t.masking import Encoder
 from l2t.scoring import EvalItem, content_right
@@ -170,7 +170,7 @@ def pretrain(out: Path, seed: int = 0, say=print) -> dict:
     encoder = Encoder(processor, FORMATS[PROMPT_FORMAT])
     stages = {}
     for name, style, steps in (("stage1", "captions", STAGE1_STEPS), ("base", "base", STAGE2_STEPS)):
-        data = loop.encode_scenes(loop.scenes("train", TRAIN_SCENES, seed, style), encoder, "response")
+        data = loop.encode_scenes(loop.scenes("train", TRAIN_SCENES, seed, style), encoder, LossConfig(mode="response"))
         say(f"{name}: {len(data.samples)} scenes ({style}), {steps} steps of {BATCH_SIZE}, every part trained")
         loop.set_trainable(model, ("vision", "projector", "language"))
         torch.manual_seed(seed)
