@@ -195,8 +195,9 @@ def form_from_yaml(text: str, source: str) -> Form:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected sections like 'train:' and 'loss:', got {type(values).__name__}")
     preset = values.get("preset") or Config().preset
-    preset_mode = load_config(preset).loss.mode
-    config = merge(load_config(preset), {k: v for k, v in values.items() if k not in ("preset", "output")}, source)
+    config = load_config(preset)
+    preset_mode = config.loss.mode
+    config = merge(config, {k: v for k, v in values.items() if k not in ("preset", "output")}, source)
     validate(config)
     l2t_on, drop_templates = toggles_of(config.loss.mode)
     extra, left_out = [], []
