@@ -4,7 +4,7 @@ A `DataSelection` (kept per browser session) is a data file, its image root
 and the user's edits to the mined task templates. Everything shown is read
 through the library: `l2t.prepare.prepare_data` loads and checks the data,
 splits off the held-out part and mines the templates exactly as a training run
-of the chosen preset will; `l2t.masking.mask_preview` encodes a sample and
+of the chosen preset will; `l2t.preview.mask_preview` encodes a sample and
 says which tokens are in the loss.
 """
 
@@ -25,9 +25,10 @@ from l2t import chat, relevance
 from l2t.config import Config, ConfigError, load_config
 from l2t.data import REASONS, DataReport, Sample
 from l2t.images import ImageError
-from l2t.masking import Encoder, mask_preview
+from l2t.masking import Encoder
 from l2t.models import fetch_model, load_base_model, load_processor
 from l2t.prepare import data_paths, prepare_data, token_lengths
+from l2t.preview import mask_preview
 from l2t.synthetic import bundled_dir
 from l2t.templates import TaskTemplate, apply_edits, samples_with
 

@@ -1,4 +1,4 @@
-"""The token mask preview: `l2t.masking.preview_tokens` drawn as coloured HTML.
+"""The token mask preview: `l2t.preview.preview_tokens` drawn as coloured HTML.
 
 Each token is a chip coloured by its role; tokens in the loss are solid with an
 underline, tokens out of the loss are faded and dashed. In loss mode

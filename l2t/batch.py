@@ -17,7 +17,7 @@ import torch
 
 from l2t.data import Sample
 from l2t.images import ImageSource
-from l2t.masking import IGNORE, RESPONSE_ROLES, Encoded, Encoder, labels_and_weights
+from l2t.masking import IGNORE, Encoded, Encoder, labels_and_weights, loss_kinds
 
 
 @dataclass
@@ -31,9 +31,7 @@ class Example:
 
 def make_example(sample: Sample, encoded: Encoded, mode: str, instruction_weight: float, response_weight: float) -> Example:
     labels, weights = labels_and_weights(encoded, mode, instruction_weight, response_weight)
-    in_loss = labels != IGNORE
-    kinds = np.where(in_loss, np.where(np.isin(encoded.roles, RESPONSE_ROLES), 2, 1), 0).astype(np.int8)
-    return Example(sample, encoded.input_ids, labels, weights, kinds)
+    return Example(sample, encoded.input_ids, labels, weights, loss_kinds(encoded.roles, weights))
 
 
 def encode_samples(samples: list[Sample], encoder: Encoder, mode: str, instruction_weight: float, response_weight: float) -> list[Example]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
+from itertools import accumulate
 
 IMAGE = "<image>"
 
@@ -52,6 +54,29 @@ class PromptFormat:
     """Between assistant_start and the answer (a space for SentencePiece-style formats)."""
     response_end: str = ""
     turn_end: str = ""
+
+    @cached_property
+    def fixed_pieces(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """The fixed strings as (pieces, roles) for `render` to append, the empty ones left out (laid out once)."""
+
+        def pieces(*pairs: tuple[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+            kept = [(text, role) for text, role in pairs if text]
+            return tuple(t for t, _ in kept), tuple(r for _, r in kept)
+
+        with_image = self.user_start if self.user_start_with_image is None else self.user_start_with_image
+        return {
+            "preamble": pieces((self.preamble, SYSTEM)),
+            "system_start": pieces((self.system_start, SYSTEM)),
+            "system_end": pieces((self.system_end, SYSTEM)),
+            "user": pieces((self.user_start, SYSTEM)),
+            "user_with_image": pieces((with_image, SYSTEM)),
+            "user_end": pieces((self.user_end, SYSTEM)),
+            # The lead (a space) is the start of the answer the model must generate.
+            "assistant": pieces((self.assistant_start, SYSTEM), (self.response_lead, RESPONSE)),
+            "assistant_end": pieces((self.response_end, RESPONSE_END), (self.turn_end, SYSTEM)),
+            "image": pieces((self.image_placeholder, IMAGE_ROLE), (self.image_separator, SYSTEM)),
+            "generation": pieces((self.assistant_start, SYSTEM)),
+        }
 
 
 # ChatML with LLaVA's `<image>` (llava-interleave-qwen, llava-onevision)
@@ -135,44 +160,28 @@ FORMATS: dict[str, PromptFormat] = {
 
 @dataclass
 class Rendered:
-    text: str
-    spans: list[tuple[int, int, str]] = field(default_factory=list)
-    """(start, end, role) covering `text` end to end, in order."""
-    image_spans: list[tuple[int, int]] = field(default_factory=list)
-    """(start, end) of each image placeholder, in the order of the images."""
+    """A laid-out conversation: its text piece by piece, each piece with its role."""
 
+    pieces: list[str] = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)
 
-class _Writer:
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.spans: list[tuple[int, int, str]] = []
-        self.image_spans: list[tuple[int, int]] = []
-        self.length = 0
+    @cached_property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
-    def add(self, text: str, role: str) -> None:
-        if not text:
-            return
-        start = self.length
-        self.parts.append(text)
-        self.length += len(text)
-        self.spans.append((start, self.length, role))
-        if role == IMAGE_ROLE:
-            self.image_spans.append((start, self.length))
+    @property
+    def spans(self) -> list[tuple[int, int, str]]:
+        """(start, end, role) of each piece: they cover `text` end to end, in order."""
+        ends = list(accumulate(map(len, self.pieces)))
+        return [(end - len(piece), end, role) for piece, end, role in zip(self.pieces, ends, self.roles, strict=True)]
 
-    def result(self) -> Rendered:
-        return Rendered("".join(self.parts), self.spans, self.image_spans)
+    @property
+    def image_spans(self) -> list[tuple[int, int]]:
+        """(start, end) of each image placeholder, in the order of the images."""
+        return [(start, end) for start, end, role in self.spans if role == IMAGE_ROLE]
 
 
 _IMAGE_SPLIT = re.compile(f"({re.escape(IMAGE)})")
-
-
-def _write_content(out: _Writer, fmt: PromptFormat, content: str, role: str) -> None:
-    for piece in _IMAGE_SPLIT.split(content):
-        if piece == IMAGE:
-            out.add(fmt.image_placeholder, IMAGE_ROLE)
-            out.add(fmt.image_separator, SYSTEM)
-        else:
-            out.add(piece, role)
 
 
 def without_images(messages: list[dict]) -> list[dict]:
@@ -186,35 +195,51 @@ def render(messages: list[dict], fmt: PromptFormat, add_generation_prompt: bool 
     With `add_generation_prompt`, the text ends with the assistant marker, ready
     for the model to answer; the last message must then be a user turn.
     """
-    out = _Writer()
-    out.add(fmt.preamble, SYSTEM)
+    fixed = fmt.fixed_pieces
+    out = Rendered()
+    pieces, roles = out.pieces, out.roles
+
+    def add(part: str) -> None:
+        pieces.extend(fixed[part][0])
+        roles.extend(fixed[part][1])
+
+    def write(content: str, role: str) -> None:
+        if IMAGE not in content:
+            if content:
+                pieces.append(content)
+                roles.append(role)
+            return
+        for piece in _IMAGE_SPLIT.split(content):
+            if piece == IMAGE:
+                add("image")
+            elif piece:
+                pieces.append(piece)
+                roles.append(role)
+
+    add("preamble")
     system = fmt.default_system
     if messages and messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
     if system:
-        out.add(fmt.system_start, SYSTEM)
-        out.add(system, SYSTEM)
-        out.add(fmt.system_end, SYSTEM)
+        add("system_start")
+        pieces.append(system)
+        roles.append(SYSTEM)
+        add("system_end")
     for message in messages:
         content = message["content"]
         if message["role"] == "user":
-            starts_with_image = content.startswith(IMAGE)
-            start = fmt.user_start_with_image if starts_with_image and fmt.user_start_with_image is not None else fmt.user_start
-            out.add(start, SYSTEM)
-            _write_content(out, fmt, content, INSTRUCTION)
-            out.add(fmt.user_end, SYSTEM)
+            add("user_with_image" if content.startswith(IMAGE) else "user")
+            write(content, INSTRUCTION)
+            add("user_end")
         elif message["role"] == "assistant":
-            out.add(fmt.assistant_start, SYSTEM)
-            # The lead (a space) is the start of the answer the model must generate.
-            out.add(fmt.response_lead, RESPONSE)
-            _write_content(out, fmt, content, RESPONSE)
-            out.add(fmt.response_end, RESPONSE_END)
-            out.add(fmt.turn_end, SYSTEM)
+            add("assistant")
+            write(content, RESPONSE)
+            add("assistant_end")
         else:
             raise ValueError(f"message role must be user or assistant after an optional system message, got {message['role']!r}")
     if add_generation_prompt:
-        out.add(fmt.assistant_start, SYSTEM)
-    return out.result()
+        add("generation")
+    return out
 
 
 def render_prompt(messages: list[dict], fmt: PromptFormat) -> str:

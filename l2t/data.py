@@ -36,7 +36,7 @@ from l2t.chat import IMAGE
 from l2t.errors import L2TError, print_error
 from l2t.files import atomic_write_json
 from l2t.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource
-from l2t.masking import preview_sample
+from l2t.preview import preview_sample
 from l2t.sources import SourceError
 
 ROLE_NAMES = {
@@ -155,14 +155,24 @@ def _checked_turn(turn, where: str, keys: tuple[str, str]) -> dict:
     return turn
 
 
+def _llava_turn(turn, i: int) -> dict:
+    _checked_turn(turn, f"conversations[{i}]", ("from", "value"))
+    role = ROLE_NAMES.get(turn["from"]) if isinstance(turn["from"], str) else None
+    if role is None:
+        raise _Bad("unknown_role", f"conversations[{i}] has 'from': {turn['from']!r}; expected human, gpt or system")
+    return {"role": role, "content": _text(turn["value"], f"conversations[{i}].value")}
+
+
 def _llava_turns(record: dict) -> tuple[list[dict], list[str]]:
     messages = []
     for i, turn in enumerate(_turn_list(record, "conversations")):
-        _checked_turn(turn, f"conversations[{i}]", ("from", "value"))
-        role = ROLE_NAMES.get(turn["from"]) if isinstance(turn["from"], str) else None
-        if role is None:
-            raise _Bad("unknown_role", f"conversations[{i}] has 'from': {turn['from']!r}; expected human, gpt or system")
-        messages.append({"role": role, "content": _text(turn["value"], f"conversations[{i}].value")})
+        try:  # the common case, in one step; anything unusual is checked and named by _llava_turn
+            message = {"role": ROLE_NAMES[turn["from"]], "content": turn["value"]}
+        except (TypeError, KeyError):
+            message = _llava_turn(turn, i)
+        if type(message["content"]) is not str:
+            message = _llava_turn(turn, i)
+        messages.append(message)
     # null is "no image", as exporters that write every column give text-only rows
     images = record.get("image")
     if images is None:
@@ -223,22 +233,24 @@ def _check_structure(messages: list[dict], images: list[str]) -> None:
             raise _Bad("roles_not_alternating", f"turn {i + 1} is '{m['role']}' where '{expected}' was expected (a system message may only come first)")
     if body[-1]["role"] != "assistant":
         raise _Bad("no_final_response", f"the last turn is '{body[-1]['role']}'; the conversation must end with an assistant answer")
+    placeholders = 0
     for i, m in enumerate(messages):
-        text = m["content"].replace(IMAGE, "").strip()
-        if m["role"] == "assistant" and IMAGE in m["content"]:
-            raise _Bad("image_in_response", f"turn {i + 1} (assistant) contains {IMAGE}")
-        if m["role"] == "system" and IMAGE in m["content"]:
-            raise _Bad("image_in_system", f"the system message contains {IMAGE}; images go in user turns")
-        if not text and not (m["role"] == "user" and IMAGE in m["content"]):
-            raise _Bad("empty_text", f"turn {i + 1} ({m['role']}) is empty")
-    placeholders = sum(m["content"].count(IMAGE) for m in messages)
+        content, role = m["content"], m["role"]
+        if IMAGE in content:
+            if role == "assistant":
+                raise _Bad("image_in_response", f"turn {i + 1} (assistant) contains {IMAGE}")
+            if role == "system":
+                raise _Bad("image_in_system", f"the system message contains {IMAGE}; images go in user turns")
+            placeholders += content.count(IMAGE)
+        elif not content.strip():
+            raise _Bad("empty_text", f"turn {i + 1} ({role}) is empty")
     if placeholders != len(images):
         raise _Bad("image_count_mismatch", f"{placeholders} {IMAGE} placeholder(s) but {len(images)} image(s)")
 
 
 def _normalise(messages: list[dict]) -> list[dict]:
     # A newline right after <image> is the prompt format's business (it writes its own separator).
-    return [{"role": m["role"], "content": m["content"].replace(IMAGE + "\n", IMAGE)} for m in messages]
+    return [{"role": m["role"], "content": m["content"].replace(IMAGE + "\n", IMAGE)} if IMAGE + "\n" in m["content"] else m for m in messages]
 
 
 def parse_record(record, label: str) -> Sample:

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from l2t.batch import process_images
-from l2t.checked import SampleRows, cache_root
+from l2t.checked import SampleRows, cache_root, features, paused_gc, rows_batch
 from l2t.config import Config
-from l2t.masking import IGNORE, RESPONSE_ROLES, Encoder, Role, labels_and_weights
+from l2t.masking import IGNORE, Encoded, Encoder, labels_and_weights, loss_kinds
 
 FORMAT_VERSION = 1
 """Bumped whenever the columns or their meaning change: older caches are then not reused."""
@@ -69,34 +69,31 @@ def cache_key(config: Config, data: str, encoder: Encoder) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def compact(input_ids: np.ndarray, roles: np.ndarray, run_lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's run of tokens replaced by one negative id (-1, -2, ...); returns (ids, kept positions)."""
-    keep = np.ones(len(input_ids), dtype=bool)
-    ids = input_ids.astype(np.int32)
-    is_image = roles == Role.IMAGE
-    position = 0
-    for k, length in enumerate(run_lengths):
-        start = position + int(np.argmax(is_image[position:]))
-        ids[start] = -(k + 1)
-        keep[start + 1 : start + length] = False
-        position = start + length
-    return ids[keep], keep
+def encode_rows(batch, encoder: Encoder, mode: str, instruction_weight: float, response_weight: float):
+    """One `Dataset.map` batch (an Arrow table of checked rows) -> the same rows' images and token columns:
+    compact ids (one per image), weights, kinds, the full length and the tokens in the loss."""
+    import pyarrow as pa
 
+    sizes = batch.column("image_sizes").to_pylist()
+    items = list(zip(batch.column("messages").to_pylist(), sizes, strict=True))
+    encoded = encoder.encode_batch(items)
+    _, weights = labels_and_weights(Encoded(encoded.input_ids, encoded.roles), mode, instruction_weight, response_weight)
+    kinds = loss_kinds(encoded.roles, weights)
+    extra = [sum(len(encoder.image_ids(size)) - 1 for size in sample) for sample in encoded.image_sizes]
+    bounds = pa.array(encoded.bounds.astype(np.int32))
 
-def encode_batch(batch: dict, encoder: Encoder, mode: str, instruction_weight: float, response_weight: float) -> dict:
-    """One `Dataset.map` batch: messages and image sizes -> compact ids, weights, kinds, full length, tokens in the loss."""
-    items = [(json.loads(m), [tuple(s) for s in sizes]) for m, sizes in zip(batch["messages"], batch["image_sizes"], strict=True)]
-    out = {"input_ids": [], "loss_weights": [], "loss_kinds": [], "length": [], "in_loss": []}
-    for (_, sizes), encoded in zip(items, encoder.encode_many(items), strict=True):
-        _, weights = labels_and_weights(encoded, mode, instruction_weight, response_weight)
-        kinds = np.where(weights > 0, np.where(np.isin(encoded.roles, RESPONSE_ROLES), 2, 1), 0).astype(np.int8)
-        ids, keep = compact(encoded.input_ids, encoded.roles, [len(encoder.image_ids(s)) for s in sizes])
-        out["input_ids"].append(ids)
-        out["loss_weights"].append(weights[keep].astype(np.float32))
-        out["loss_kinds"].append(kinds[keep])
-        out["length"].append(len(encoded.input_ids))
-        out["in_loss"].append(int((weights > 0).sum()))
-    return out
+    def lists(values):
+        return pa.ListArray.from_arrays(bounds, pa.array(values))
+
+    return pa.table({
+        "images": batch.column("images"),
+        "image_sizes": batch.column("image_sizes"),
+        "input_ids": lists(encoded.input_ids.astype(np.int32)),
+        "loss_weights": lists(weights.astype(np.float32)),
+        "loss_kinds": lists(kinds),
+        "length": pa.array(np.diff(encoded.bounds) + np.asarray(extra, np.int64)),
+        "in_loss": pa.array(encoded.per_sample(weights > 0)),
+    })  # fmt: skip
 
 
 def _source(samples) -> "datasets.Dataset":  # noqa: F821
@@ -104,15 +101,7 @@ def _source(samples) -> "datasets.Dataset":  # noqa: F821
 
     if isinstance(samples, SampleRows):
         return samples.columns(["messages", "images", "image_sizes"])
-    return datasets.Dataset.from_dict({
-        "messages": [json.dumps(s.messages, ensure_ascii=False) for s in samples],
-        "images": [list(s.images) for s in samples],
-        "image_sizes": [[list(size) for size in s.image_sizes] for s in samples],
-    }, features=datasets.Features({
-        "messages": datasets.Value("string"),
-        "images": datasets.List(datasets.Value("string")),
-        "image_sizes": datasets.List(datasets.List(datasets.Value("int32"))),
-    }))  # fmt: skip
+    return datasets.Dataset.from_dict(rows_batch(samples), features=features()).select_columns(["messages", "images", "image_sizes"])
 
 
 def _load(folder: Path):
@@ -135,12 +124,13 @@ def encoded_dataset(samples, encoder: Encoder, config: Config, key: str, say=pri
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     lo = config.loss
-    encoded = _source(samples).map(
-        encode_batch, batched=True, batch_size=WRITE_BATCH, writer_batch_size=WRITE_BATCH, num_proc=workers,
-        fn_kwargs={"encoder": encoder, "mode": lo.mode, "instruction_weight": lo.instruction_weight, "response_weight": lo.response_weight},
-        remove_columns=["messages"], cache_file_name=str(temporary / "encoded.arrow"), new_fingerprint=key,
-        desc=f"encoding {len(samples):,} samples",
-    )  # fmt: skip
+    with paused_gc():
+        encoded = _source(samples).with_format("arrow").map(
+            encode_rows, batched=True, batch_size=WRITE_BATCH, writer_batch_size=WRITE_BATCH, num_proc=workers,
+            fn_kwargs={"encoder": encoder, "mode": lo.mode, "instruction_weight": lo.instruction_weight, "response_weight": lo.response_weight},
+            cache_file_name=str(temporary / "encoded.arrow"), new_fingerprint=key,
+            desc=f"encoding {len(samples):,} samples",
+        )  # fmt: skip
     names = [Path(f["filename"]).name for f in encoded.cache_files]
     (temporary / MANIFEST).write_text(json.dumps({"files": names, "samples": len(samples)}))
     del encoded
@@ -176,7 +166,7 @@ class CachedTrainingSet(torch.utils.data.Dataset):
         ids, weights, kinds = row["input_ids"].astype(np.int64), row["loss_weights"], row["loss_kinds"]
         sizes = [tuple(int(v) for v in s) for s in row["image_sizes"]]
         if sizes:
-            ids, weights, kinds = self._expand(ids, weights, kinds, sizes)
+            ids, weights, kinds = self.encoder.expand_images(ids, sizes, weights, kinds)
         labels = np.where(weights > 0, ids, IGNORE)
         pictures = [self.images.open(str(p)) for p in row["images"]] if len(row["images"]) else []
         return {
@@ -186,17 +176,3 @@ class CachedTrainingSet(torch.utils.data.Dataset):
             "loss_kinds": torch.from_numpy(kinds.astype(np.int64)),
             "image_inputs": process_images(self.processor, pictures),
         }
-
-    def _expand(self, ids, weights, kinds, sizes):
-        parts_ids, parts_w, parts_k, position = [], [], [], 0
-        for k, size in enumerate(sizes):
-            at = int(np.nonzero(ids == -(k + 1))[0][0])
-            run = self.encoder.image_ids(size)
-            parts_ids += [ids[position:at], run]
-            parts_w += [weights[position:at], np.zeros(len(run), np.float32)]
-            parts_k += [kinds[position:at], np.zeros(len(run), np.int8)]
-            position = at + 1
-        parts_ids.append(ids[position:])
-        parts_w.append(weights[position:])
-        parts_k.append(kinds[position:])
-        return np.concatenate(parts_ids), np.concatenate(parts_w), np.concatenate(parts_k)

@@ -1,11 +1,15 @@
 """Tokens with a role each, and the L2T labels read off those roles.
 
-The rendered conversation (`l2t.chat`) is expanded the way the model's
-processor expands images (each image placeholder becomes that processor's run
-of image tokens), tokenized once — never piece by piece, since BPE merges
-across piece boundaries — and every token takes the role of the characters it
-covers (the first non-space one: a token like " Answer" belongs to the word).
-Task-template sentences (`l2t.templates`) inside user turns get their own role.
+The rendered conversation (`l2t.chat`) is tokenized whole — never piece by
+piece, since BPE merges across piece boundaries — and every token takes the
+role of the characters it covers (the first non-space one: a token like
+" Answer" belongs to the word). Each image placeholder is tokenized as written
+(its special tokens split the text, so nothing around it tokenizes
+differently) and stands as one image token until it is expanded into the
+processor's run of image tokens: the same ids as tokenizing the processor's
+expanded text. Task-template sentences (`l2t.templates`) inside user turns get
+their own role. A batch of conversations is encoded at once, the roles of all
+its tokens read in one vectorised pass.
 
 Loss modes, as sets of roles in the loss:
 
@@ -25,17 +29,21 @@ the loss is the usual mean over labelled tokens.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import chain
 
 import numpy as np
 from PIL import Image
 
 from l2t import chat
-from l2t.config import Config, load_config
-from l2t.templates import TaskTemplate, mine_with_settings, template_spans
+from l2t.config import Config
+from l2t.templates import TaskTemplate, template_matcher
 
 IGNORE = -100
+ENCODE_CHUNK = 512
+"""Conversations per tokenizer call in `Encoder.encode_batch` (the next chunk is rendered while one is tokenized)."""
 
 
 class Role(IntEnum):
@@ -78,35 +86,60 @@ class Encoded:
         return len(self.input_ids)
 
 
-def _char_roles(rendered: chat.Rendered, image_replacements: list[str], task_templates: frozenset[str]) -> tuple[str, np.ndarray]:
-    """The expanded text and one role per character."""
-    pieces: list[str] = []
-    piece_roles: list[int] = []
-    templates: list[tuple[int, int]] = []
-    image_index = 0
-    offset = 0
-    for start, end, name in rendered.spans:
-        text = rendered.text[start:end]
-        role = SPAN_ROLES[name]
-        if role == Role.IMAGE and image_replacements:
-            text = image_replacements[image_index]
-            image_index += 1
-        if role == Role.INSTRUCTION and task_templates:
-            templates += [(offset + s, offset + e) for s, e in template_spans(text, task_templates)]
-        pieces.append(text)
-        piece_roles.append(role)
-        offset += len(text)
-    roles = np.repeat(np.asarray(piece_roles, dtype=np.int8), [len(p) for p in pieces])
-    for s, e in templates:
-        roles[s:e] = Role.TASK_TEMPLATE
-    return "".join(pieces), roles
+_ROLE_CODES = {name: int(role) for name, role in SPAN_ROLES.items()}
 
 
-def token_roles(text: str, char_roles: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Role of each token: that of its first non-space character (or its first character)."""
+@dataclass
+class EncodedBatch:
+    """Samples' tokens end to end, each image as one token: sample k is positions bounds[k]:bounds[k + 1].
+
+    An image's token has a negative id (-1 for the sample's first image, -2 for its
+    second, ...) and role IMAGE; `Encoder.expand_images` puts the processor's run of
+    image tokens in its place.
+    """
+
+    input_ids: np.ndarray
+    roles: np.ndarray
+    bounds: np.ndarray
+    image_sizes: list[list[tuple[int, int]]]
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    @classmethod
+    def join(cls, parts: list[EncodedBatch]) -> EncodedBatch:
+        if not parts:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(1, np.int64), [])
+        if len(parts) == 1:
+            return parts[0]
+        shifts = np.cumsum([0] + [len(p.input_ids) for p in parts[:-1]])
+        bounds = np.concatenate([[0]] + [p.bounds[1:] + shift for p, shift in zip(parts, shifts, strict=True)])
+        return cls(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.roles for p in parts]), bounds, sum((p.image_sizes for p in parts), []))
+
+    def per_sample(self, flags: np.ndarray) -> np.ndarray:
+        """How many of each sample's positions are set in `flags` (one flag per position)."""
+        counts = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+        return counts[self.bounds[1:]] - counts[self.bounds[:-1]]
+
+
+@dataclass
+class _Laid:
+    """Rendered conversations before tokenizing: their texts, where each starts in the joined text, and per
+    character of the joined text its role and its image (-1 outside image placeholders, numbered across the texts)."""
+
+    texts: list[str]
+    starts: np.ndarray
+    char_roles: np.ndarray
+    char_images: np.ndarray
+    image_counts: list[int]
+    sizes: list[list[tuple[int, int]]]
+
+
+def first_characters(text: str, offsets: np.ndarray) -> np.ndarray:
+    """Per token, the index of its first non-space character (or its first character); -1 for an empty token."""
     n = len(text)
-    if len(offsets) == 0 or n == 0:
-        return np.full(len(offsets), Role.SYSTEM, np.int8)
+    if n == 0:
+        return np.full(len(offsets), -1, np.int64)
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     is_space = (codes == 32) | ((codes >= 9) & (codes <= 13))
     # next_non_space[i] = first j >= i that is not whitespace (n if none)
@@ -115,8 +148,7 @@ def token_roles(text: str, char_roles: np.ndarray, offsets: np.ndarray) -> np.nd
     starts, ends = offsets[:, 0], offsets[:, 1]
     safe_starts = np.minimum(starts, n - 1)
     first = next_non_space[safe_starts]
-    pick = np.where(first < ends, first, safe_starts)
-    return np.where(ends <= starts, np.int8(Role.SYSTEM), char_roles[pick]).astype(np.int8)
+    return np.where(ends <= starts, -1, np.where(first < ends, first, safe_starts))
 
 
 class Encoder:
@@ -126,7 +158,7 @@ class Encoder:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.fmt = fmt
-        self.task_templates = frozenset(task_templates)
+        self.task_templates = task_templates
         self._replacements: dict = {}
         image_processor = getattr(processor, "image_processor", None)
         name = type(processor).__name__
@@ -134,6 +166,16 @@ class Encoder:
         self._size_free = name == "LlavaProcessor" or (
             name == "Idefics3Processor" and not getattr(image_processor, "do_image_splitting", False)
         )
+
+    @property
+    def task_templates(self) -> frozenset[str]:
+        """The task-template sentences whose tokens take role TASK_TEMPLATE."""
+        return self._task_templates
+
+    @task_templates.setter
+    def task_templates(self, sentences) -> None:
+        self._task_templates = frozenset(sentences)
+        self._find_templates = template_matcher(self._task_templates)
 
     @classmethod
     def from_config(cls, config: Config, processor, task_templates: list[TaskTemplate] = ()) -> Encoder:
@@ -145,9 +187,7 @@ class Encoder:
         key = None if self._size_free else tuple(size)
         if key not in self._replacements:
             probe = Image.new("RGB", tuple(size), (128, 128, 128))
-            out = self.processor(
-                text=[self.processor.image_token], images=[probe], return_text_replacement_offsets=True
-            )
+            out = self.processor(text=[self.processor.image_token], images=[probe], return_text_replacement_offsets=True)
             self._replacements[key] = out["text_replacement_offsets"][0][0]["replacement"]
         return self._replacements[key]
 
@@ -167,48 +207,130 @@ class Encoder:
         return self.encode_many([(messages, image_sizes)], add_generation_prompt)[0]
 
     def encode_many(self, items: list[tuple[list[dict], list[tuple[int, int]]]], add_generation_prompt: bool = False) -> list[Encoded]:
-        """Encode (messages, image sizes) pairs; one tokenizer call for all of them.
-
-        The text is tokenized with each image placeholder as written (its special tokens
-        split the text, so nothing around it tokenizes differently), then the placeholder's
-        tokens are replaced by the processor's run of image tokens: the same ids as
-        tokenizing the processor's expanded text, without tokenizing hundreds of image tokens.
-        """
-        texts, char_roles, placements = [], [], []
-        for messages, image_sizes in items:
-            rendered = chat.render(messages, self.fmt, add_generation_prompt=add_generation_prompt)
-            if len(rendered.image_spans) != len(image_sizes):
-                raise ValueError(f"{len(rendered.image_spans)} image placeholder(s) but {len(image_sizes)} image(s)")
-            text, roles = _char_roles(rendered, [], self.task_templates)
-            texts.append(text)
-            char_roles.append(roles)
-            placements.append(list(zip(rendered.image_spans, image_sizes)))
-        if not texts:
-            return []
-        batch = self.tokenizer(texts, return_offsets_mapping=True)
+        """Encode (messages, image sizes) pairs, each image expanded into the processor's run of image tokens."""
+        batch = self.encode_batch(items, add_generation_prompt)
         encoded = []
-        for text, roles, ids, offsets, images in zip(texts, char_roles, batch["input_ids"], batch["offset_mapping"], placements):
-            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-            ids = np.asarray(ids, dtype=np.int64)
-            token_role = token_roles(text, roles, offsets)
-            if images:
-                ids, token_role = self._splice_images(ids, token_role, offsets, images)
-            encoded.append(Encoded(ids, token_role))
+        for k, sizes in enumerate(batch.image_sizes):
+            ids, roles = batch.input_ids[batch.bounds[k] : batch.bounds[k + 1]], batch.roles[batch.bounds[k] : batch.bounds[k + 1]]
+            encoded.append(Encoded(*self.expand_images(ids, sizes, roles)) if sizes else Encoded(ids, roles))
         return encoded
 
-    def _splice_images(self, ids, roles, offsets, images) -> tuple[np.ndarray, np.ndarray]:
-        id_parts, role_parts, position = [], [], 0
-        for (start, end), size in images:
-            inside = np.nonzero((offsets[:, 0] >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0]))[0]
-            if len(inside) == 0 or inside[-1] - inside[0] + 1 != len(inside) or inside[0] < position:
-                raise ValueError(f"the tokenizer split the image placeholder {self.fmt.image_placeholder!r} unexpectedly")
-            image = self.image_ids(size)
-            id_parts += [ids[position : inside[0]], image]
-            role_parts += [roles[position : inside[0]], np.full(len(image), Role.IMAGE, np.int8)]
-            position = inside[-1] + 1
-        id_parts.append(ids[position:])
-        role_parts.append(roles[position:])
-        return np.concatenate(id_parts), np.concatenate(role_parts)
+    def expand_images(self, ids: np.ndarray, sizes: list[tuple[int, int]], *columns: np.ndarray) -> tuple[np.ndarray, ...]:
+        """One sample's ids with each image token (-1, -2, ...) replaced by its run of image tokens, and
+        each of `columns` (one value per token) with the image token's value repeated over the run."""
+        at = np.flatnonzero(ids < 0)
+        runs = [self.image_ids(sizes[-int(ids[i]) - 1]) for i in at]
+        repeats = np.ones(len(ids), np.int64)
+        repeats[at] = [len(run) for run in runs]
+        expanded = np.repeat(ids.astype(np.int64), repeats)
+        starts = np.cumsum(repeats) - repeats
+        for i, run in zip(at, runs, strict=True):
+            expanded[starts[i] : starts[i] + len(run)] = run
+        return (expanded, *(np.repeat(c, repeats) for c in columns))
+
+    def encode_batch(self, items: list[tuple[list[dict], list[tuple[int, int]]]], add_generation_prompt: bool = False) -> EncodedBatch:
+        """Encode (messages, image sizes) pairs at once, each image kept as one token (`EncodedBatch`).
+
+        Every conversation is rendered, and its characters take the role of their span;
+        the texts are tokenized with each image placeholder as written (its special tokens
+        split the text, so nothing around it tokenizes differently), and every token
+        takes the role of its first non-space character, a chunk of conversations at a
+        time. The placeholder's tokens then make one image token: expanded, the same ids
+        as tokenizing the processor's expanded text. While the tokenizer (which releases
+        the interpreter) works on one chunk, the next one is rendered.
+        """
+        chunks = [items[i : i + ENCODE_CHUNK] for i in range(0, len(items), ENCODE_CHUNK)]
+        laid_out = (self._lay_out(chunk, add_generation_prompt) for chunk in chunks)
+        if len(chunks) <= 1:
+            return EncodedBatch.join([self._read(laid, self._tokenize(laid.texts)) for laid in laid_out])
+        parts, pending = [], None
+        with ThreadPoolExecutor(1) as tokenizer:
+            for laid in laid_out:
+                tokens = tokenizer.submit(self._tokenize, laid.texts)
+                if pending:
+                    parts.append(self._read(pending[0], pending[1].result()))
+                pending = laid, tokens
+            parts.append(self._read(pending[0], pending[1].result()))
+        return EncodedBatch.join(parts)
+
+    def _lay_out(self, items, add_generation_prompt: bool) -> _Laid:
+        """Render each conversation; the role and image (or -1) of every character, the texts joined."""
+        texts, starts, span_lengths, span_names, templates, image_counts = [], [], [], [], [], []
+        base, find_templates = 0, self._find_templates if self.task_templates else None
+        for messages, sizes in items:
+            rendered = chat.render(messages, self.fmt, add_generation_prompt=add_generation_prompt)
+            if rendered.roles.count(chat.IMAGE_ROLE) != len(sizes):
+                raise ValueError(f"{rendered.roles.count(chat.IMAGE_ROLE)} image placeholder(s) but {len(sizes)} image(s)")
+            lengths = list(map(len, rendered.pieces))
+            if find_templates:
+                at = base
+                for piece, name, length in zip(rendered.pieces, rendered.roles, lengths):
+                    if name == chat.INSTRUCTION:
+                        templates += [(at + s, at + e) for s, e in find_templates(piece)]
+                    at += length
+            span_lengths += lengths
+            span_names += rendered.roles
+            texts.append("".join(rendered.pieces))
+            starts.append(base)
+            image_counts.append(len(sizes))
+            base += len(texts[-1])
+        span_roles = np.fromiter(map(_ROLE_CODES.__getitem__, span_names), np.int8, len(span_names))
+        is_image = span_roles == Role.IMAGE
+        char_roles = np.repeat(span_roles, span_lengths)
+        for s, e in templates:
+            char_roles[s:e] = Role.TASK_TEMPLATE
+        char_images = np.repeat(np.where(is_image, np.cumsum(is_image) - 1, -1), span_lengths)
+        sizes = [[tuple(size) for size in item_sizes] for _, item_sizes in items]
+        return _Laid(texts, np.asarray(starts, np.int64), char_roles, char_images, image_counts, sizes)
+
+    def _read(self, laid: _Laid, tokens: tuple[np.ndarray, np.ndarray, np.ndarray]) -> EncodedBatch:
+        """The tokens of laid-out texts, each with the role of its first non-space character, images made one token."""
+        ids, offsets, counts = tokens
+        offsets += np.repeat(laid.starts, counts)[:, None]
+        first = first_characters("".join(laid.texts), offsets)
+        picked = np.maximum(first, 0)
+        roles = np.where(first < 0, np.int8(Role.SYSTEM), laid.char_roles[picked]).astype(np.int8)
+        token_images = np.where(first < 0, -1, laid.char_images[picked])
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        if sum(laid.image_counts):
+            keep = self._image_tokens(ids, offsets, token_images, laid.char_images, laid.image_counts)
+            kept = np.concatenate([[0], np.cumsum(keep)])
+            ids, roles, bounds = ids[keep], roles[keep], kept[bounds]
+        return EncodedBatch(ids, roles, bounds, laid.sizes)
+
+    def _image_tokens(self, ids, offsets, token_images, char_images, image_counts) -> np.ndarray:
+        """Which tokens to keep: of each image placeholder's tokens, the first, which takes the image's id
+        (-1, -2, ... within its sample) in `ids`. Checks that each placeholder is made of whole tokens."""
+        count = int(np.sum(image_counts))
+        image_chars = np.flatnonzero(char_images >= 0)  # the placeholders' characters, image by image
+        lengths = np.bincount(char_images[image_chars], minlength=count)
+        first_char = image_chars[np.cumsum(lengths) - lengths]
+        is_image = token_images >= 0
+        which = token_images[is_image]
+        starts, ends = offsets[is_image, 0], offsets[is_image, 1]
+        covered = np.bincount(which, weights=ends - starts, minlength=count)
+        if (starts < first_char[which]).any() or (ends > first_char[which] + lengths[which]).any() or (covered != lengths).any():
+            raise ValueError(f"the tokenizer split the image placeholder {self.fmt.image_placeholder!r} unexpectedly")
+        first_token = is_image & np.concatenate([[True], token_images[1:] != token_images[:-1]])
+        sample_first = np.repeat(np.cumsum(image_counts) - image_counts, image_counts)  # each image's sample's first image
+        images = token_images[first_token]
+        ids[first_token] = -(images - sample_first[images] + 1)
+        return ~is_image | first_token
+
+    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, character offsets (one row per token), tokens per text) of `texts`, as `tokenizer(texts)` splits them."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a tokenizer without a Rust backend
+            batch = self.tokenizer(texts, return_offsets_mapping=True)
+            pairs = [(ids, offsets) for ids, offsets in zip(batch["input_ids"], batch["offset_mapping"], strict=True)]
+        else:
+            if backend.padding is not None or backend.truncation is not None:
+                self.tokenizer("")  # a call with padding or truncation leaves them set; a plain call clears them
+            pairs = [(e.ids, e.offsets) for e in backend.encode_batch(texts)]
+        counts = np.fromiter((len(ids) for ids, _ in pairs), np.int64, len(pairs))
+        ids = np.fromiter(chain.from_iterable(ids for ids, _ in pairs), np.int64, int(counts.sum()))
+        offsets = np.fromiter(chain.from_iterable(chain.from_iterable(o for _, o in pairs)), np.int64, 2 * int(counts.sum()))
+        return ids, offsets.reshape(-1, 2), counts
 
 
 def _role_table(roles) -> np.ndarray:
@@ -221,7 +343,9 @@ _IN_LOSS = {mode: _role_table(roles) for mode, roles in LOSS_ROLES.items()}
 _IS_RESPONSE = _role_table(RESPONSE_ROLES)
 
 
-def labels_and_weights(encoded: Encoded, mode: str, instruction_weight: float = 1.0, response_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def labels_and_weights(
+    encoded: Encoded, mode: str, instruction_weight: float = 1.0, response_weight: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Labels (-100 outside the loss) and per-token loss weights for a loss mode.
 
     In l2t_relevance an instruction token's weight is instruction_weight times its relevance
@@ -240,95 +364,6 @@ def labels_and_weights(encoded: Encoded, mode: str, instruction_weight: float = 
     return labels, weights
 
 
-def token_text(tokenizer, token_id: int) -> str:
-    """One token's text as it reads inside a sentence.
-
-    Decoded alone, a SentencePiece token (Llama, Mistral) loses its leading space: the
-    decoder strips the space a sequence starts with. Decoded after a copy of itself, it
-    keeps it; a byte-level token reads the same either way.
-    """
-    alone = tokenizer.decode([token_id])
-    return tokenizer.decode([token_id, token_id])[len(alone) :]
-
-
-def preview_tokens(encoded: Encoded, tokenizer, mode: str) -> list[tuple[str, str, bool]]:
-    """(token text, role name, in the loss) per token: what the UI colours and the CLI prints."""
-    labels, _ = labels_and_weights(encoded, mode)
-    texts = [token_text(tokenizer, int(t)) for t in encoded.input_ids]
-    return [(text, Role(int(r)).name.lower(), bool(lab != IGNORE)) for text, r, lab in zip(texts, encoded.roles, labels, strict=True)]
-
-
-@dataclass
-class MaskPreview:
-    """One sample's tokens under one loss mode, as `python -m l2t.data preview` and the UI show them."""
-
-    sample_id: str
-    mode: str
-    task_templates: int
-    """How many task templates the encoder knew."""
-    tokens: list[tuple[str, str, bool]]
-    """(token text, role name, in the loss) per token."""
-    weights: list[float]
-    """Each token's loss weight with both loss weights at 1: 0 or 1, or the relevance weight in l2t_relevance."""
-
-    @property
-    def in_loss(self) -> int:
-        return sum(flag for _, _, flag in self.tokens)
-
-
-def mask_preview(encoder: Encoder, sample, mode: str, relevance: np.ndarray | None = None) -> MaskPreview:
-    """The mask of an `l2t.data.Sample` under loss `mode`, as `encoder`'s tokenizer splits it
-    (`relevance`: per-token weights from `l2t.relevance`, which l2t_relevance needs)."""
-    encoded = encoder.encode(sample.messages, sample.image_sizes)
-    encoded.relevance = relevance
-    _, weights = labels_and_weights(encoded, mode)
-    tokens = preview_tokens(encoded, encoder.tokenizer, mode)
-    return MaskPreview(sample.id, mode, len(encoder.task_templates), tokens, [round(float(w), 3) for w in weights])
-
-
-def format_relevance(preview: MaskPreview) -> str:
-    """Each instruction token with its weight and a bar of it: the l2t_relevance heat map as text."""
-    lines = []
-    for (text, role, _), weight in zip(preview.tokens, preview.weights, strict=True):
-        if role == "instruction":
-            lines.append(f"  {text!r:<16} {weight:4.2f} {'█' * round(weight * 20)}")
-    return "\n".join(lines)
-
-
-def format_preview(tokens: list[tuple[str, str, bool]]) -> str:
-    """Runs of tokens with the same role and loss flag, one per line (image runs collapsed)."""
-    lines = []
-    run: list[str] = []
-    key = None
-    for text, role, in_loss in tokens + [("", "", None)]:
-        if (role, in_loss) != key and run:
-            shown = f"{run[0]} x{len(run)}" if key[0] == "image" else "".join(run)
-            mark = "LOSS" if key[1] else "    "
-            lines.append(f"{mark}  {key[0]:<13} {shown!r}")
-            run = []
-        key = (role, in_loss)
-        run.append(text)
-    return "\n".join(lines)
-
-
-def preview_sample(samples, index: int, preset: str = "tiny", mode: str | None = None, overrides: list[str] = ()) -> str:
-    """The `python -m l2t.data preview` text for one sample."""
-    from l2t.models import fetch_model, load_processor  # torch and transformers: only loaded when a preview is asked for
-
-    config = load_config(preset, overrides=overrides)
-    if not 0 <= index < len(samples):
-        raise IndexError(f"--index {index} is out of range: the file has {len(samples)} usable samples")
-    # The same list training uses: mined, then the preset's additions and removals.
-    mined = mine_with_settings([s.instructions() for s in samples], config.templates)
-    fetch_model(config, weights=False)
-    encoder = Encoder.from_config(config, load_processor(config.model), mined)
-    mode = mode or config.loss.mode
-    hint = ""
-    if mode == "l2t_relevance":  # its weights need the base model: `python -m l2t.relevance` draws them
-        mode, hint = "l2t", f"\n(l2t_relevance: the tokens of l2t, weighted; see python -m l2t.relevance FILE --preset {preset} --index {index})"
-    preview = mask_preview(encoder, samples[index], mode)
-    header = (
-        f"sample {preview.sample_id}: {len(preview.tokens)} tokens, {preview.in_loss} in the loss "
-        f"(mode {preview.mode}, preset {preset}, {preview.task_templates} task templates)"
-    )
-    return header + "\n" + format_preview(preview.tokens) + hint
+def loss_kinds(roles: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per token: 0 outside the loss, 1 on the prompt side, 2 on the response side (the trainer logs each side's loss)."""
+    return np.where(weights > 0, np.where(_IS_RESPONSE[roles], 2, 1), 0).astype(np.int8)

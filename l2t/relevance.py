@@ -47,8 +47,9 @@ from l2t.errors import L2TError, print_error
 from l2t.files import atomic_write_bytes, atomic_write_json
 from l2t.generation import pad_token_id, vision_dtype, with_pixels_in
 from l2t.loss import labelled_token_loss
-from l2t.masking import IGNORE, Encoded, Encoder, Role, format_relevance, mask_preview
+from l2t.masking import IGNORE, Encoded, Encoder, Role
 from l2t.models import fetch_model, load_base_model, load_processor
+from l2t.preview import format_relevance, mask_preview
 from l2t.templates import mine_with_settings
 
 CHUNK = 256

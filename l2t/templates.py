@@ -60,6 +60,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from l2t.config import TemplatesConfig
@@ -254,6 +255,26 @@ def mine_with_settings(instructions: Iterable[list[str]] | Callable[[], Iterable
     mine = mine_templates_twice if callable(instructions) else mine_templates
     mined = mine(instructions, settings.min_fraction, settings.min_count, settings.top_k, settings.min_words)
     return apply_edits(mined, settings.add, settings.remove)
+
+
+def template_matcher(sentences: set[str] | frozenset[str]) -> Callable[[str], tuple[tuple[int, int], ...]]:
+    """`template_spans` for a fixed set of sentences, quick on texts that hold none of them or were seen before.
+
+    A text can hold a template only where the template's words appear separated by
+    whitespace: one regex search rules most texts out before they are split into
+    sentences. Instructions repeat (fixed prompts, the same question over many
+    images), so the spans of recent texts are remembered.
+    """
+    if not sentences:
+        return lambda text: ()
+    words = sorted((r"\s+".join(map(re.escape, s.split())) for s in sentences), key=len, reverse=True)
+    candidate = re.compile("|".join(words)).search
+
+    @lru_cache(maxsize=1 << 16)
+    def spans(text: str) -> tuple[tuple[int, int], ...]:
+        return tuple(template_spans(text, sentences)) if candidate(text) else ()
+
+    return spans
 
 
 def template_spans(text: str, sentences: set[str] | frozenset[str]) -> list[tuple[int, int]]:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from l2t import templates
+from l2t import checked, templates
 from l2t.checked import SampleRows, checked_rows
 from l2t.config import load_config
 from l2t.data import DataError, load_samples
@@ -38,7 +38,8 @@ def config_for(tmp_path, data, *overrides):
     return load_config("tinyllava", overrides=[f"data.path={data}", f"data.cache={tmp_path / 'cache'}", "train.eval_fraction=0.1", *overrides])
 
 
-def test_rows_hold_the_same_samples_and_report_as_a_plain_load(tmp_path, shapes_dir):
+def test_rows_hold_the_same_samples_and_report_as_a_plain_load(tmp_path, shapes_dir, monkeypatch):
+    monkeypatch.setattr(checked, "READ_BATCH", 7)  # rows are written a batch at a time: every batch is kept
     said = []
     rows, report, images, _ = checked_rows(config_for(tmp_path, shapes_dir / "train.json"), shapes_dir / "train.json", shapes_dir, say=said.append)
     samples, plain = load_samples(shapes_dir / "train.json")
@@ -48,7 +49,8 @@ def test_rows_hold_the_same_samples_and_report_as_a_plain_load(tmp_path, shapes_
     assert images.open(rows[0].images[0]).size == (64, 64)
 
 
-def test_streamed_mining_counts_exactly_as_mining_a_list(tmp_path):
+def test_streamed_mining_counts_exactly_as_mining_a_list(tmp_path, monkeypatch):
+    monkeypatch.setattr(checked, "READ_BATCH", 700)  # several record batches, each read in turn
     data = llava_mix_like(tmp_path / "mix.json", 3000)
     rows, report, _, _ = checked_rows(config_for(tmp_path, data), data, None, say=lambda _: None)
     samples, _ = load_samples(data)

@@ -117,7 +117,7 @@ from l2t.models import load_processor
 config = load_config("tiny", overrides=[f"data.cache={sys.argv[1]}"])
 samples, _, _ = load_data(sys.argv[2])
 encoder = Encoder.from_config(config, load_processor(config.model))
-original = encoding.encode_batch
+original = encoding.encode_rows
 
 def slow(batch, **kwargs):
     out = original(batch, **kwargs)
@@ -125,7 +125,7 @@ def slow(batch, **kwargs):
     time.sleep(0.5)
     return out
 
-encoding.encode_batch = slow
+encoding.encode_rows = slow
 encoding.WRITE_BATCH = 8
 encoding.encoded_dataset(samples, encoder, config, sys.argv[3])
 """

@@ -15,18 +15,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from l2t import chat
+from l2t import chat, masking
 from l2t.masking import (
     IGNORE,
     LOSS_ROLES,
     Encoded,
     Encoder,
     Role,
-    format_preview,
+    first_characters,
     labels_and_weights,
-    preview_tokens,
-    token_roles,
 )
+from l2t.preview import format_preview, preview_tokens
 
 
 def qwen2_vl_processor():
@@ -444,12 +443,11 @@ def test_format_preview_literal(family_processors):
 # ---------------------------------------------------------------- the pieces
 
 
-def test_token_roles_take_the_first_non_space_character():
+def test_a_token_is_read_at_its_first_non_space_character():
     text = " Answer  it"
-    char_roles = np.array([Role.INSTRUCTION] + [Role.TASK_TEMPLATE] * 6 + [Role.INSTRUCTION] * 4, dtype=np.int8)
     offsets = np.array([[0, 0], [0, 7], [7, 9], [9, 11]])  # a special token, " Answer", "  ", "it"
-    assert token_roles(text, char_roles, offsets).tolist() == [Role.SYSTEM, Role.TASK_TEMPLATE, Role.INSTRUCTION, Role.INSTRUCTION]
-    assert token_roles("", np.zeros(0, np.int8), np.array([[0, 0]])).tolist() == [Role.SYSTEM]
+    assert first_characters(text, offsets).tolist() == [-1, 1, 7, 9]
+    assert first_characters("", np.array([[0, 0]])).tolist() == [-1]
 
 
 def test_labels_and_weights_literal():
@@ -521,8 +519,10 @@ def test_encoder_matches_the_processor(family_processors, shared_encoders, famil
     assert set(np.flatnonzero(encoded.input_ids == image_id)) <= set(np.flatnonzero(encoded.roles == Role.IMAGE))
 
 
+@pytest.mark.parametrize("chunk", [512, 2])  # one tokenizer call, or several (the next chunk laid out while one is tokenized)
 @pytest.mark.parametrize("family", PARITY_FAMILIES)
-def test_encode_many_is_encode_one_by_one(shared_encoders, family):
+def test_encode_many_is_encode_one_by_one(shared_encoders, family, chunk, monkeypatch):
+    monkeypatch.setattr(masking, "ENCODE_CHUNK", chunk)
     encoder = shared_encoders[family]
     items = list(PARITY_CASES.values())
     together = encoder.encode_many(items)

@@ -10,8 +10,9 @@ from l2t.config import load_config
 from l2t.data import load_samples
 from l2t.generation import pad_token_id
 from l2t.images import ImageSource
-from l2t.masking import IGNORE, Encoded, Encoder, Role, labels_and_weights, mask_preview
+from l2t.masking import IGNORE, Encoded, Encoder, Role, labels_and_weights
 from l2t.models import load_base_model, source
+from l2t.preview import mask_preview
 from l2t.synthetic import TEMPLATE_SENTENCES, bundled_dir
 from l2t.templates import TaskTemplate
 

@@ -13,9 +13,11 @@ from l2t.templates import (
     apply_edits,
     load_templates,
     mine_templates,
+    mine_templates_twice,
     normalize_sentence,
     save_templates,
     split_sentences,
+    template_matcher,
     template_spans,
 )
 
@@ -32,6 +34,12 @@ def mine_all(instructions, **kwargs) -> dict[str, int]:
     """Every sentence with its sample count, no thresholds."""
     settings = {"min_fraction": 0.0, "min_count": 1, "top_k": 10**9, "min_words": 0} | kwargs
     return {t.sentence: t.count for t in mine_templates(instructions, **settings)}
+
+
+def mine_all_twice(instructions) -> dict[str, int]:
+    """`mine_all` by the streamed, two-pass miner."""
+    everything = {"min_fraction": 0.0, "min_count": 1, "top_k": 10**9, "min_words": 0}
+    return {t.sentence: t.count for t in mine_templates_twice(lambda: instructions, **everything)}
 
 
 # ---------------------------------------------------------------- splitting
@@ -86,6 +94,7 @@ def test_mining_finds_the_same_sentences_as_split_then_normalize():
     pieces = ["a", "Bc", "3", ".", "?", "!", "。", "…", '"', ")", " ", "  ", "\t", "\xa0",
               "\n", "\r\n", "\u2028", "<image>", "<", "image>", "é", "语"]
     rng = random.Random(0)
+    samples = []
     for _ in range(3000):
         turns = ["".join(rng.choices(pieces, k=rng.randint(0, 25))) for _ in range(rng.randint(1, 3))]
         spans = [(text, s, e) for text in turns for s, e in split_sentences(text)]
@@ -95,6 +104,24 @@ def test_mining_finds_the_same_sentences_as_split_then_normalize():
             assert len(piece.splitlines()) == 1
         expected = {normalize_sentence(text[s:e]) for text, s, e in spans}
         assert set(mine_all([turns])) == expected, turns
+        samples.append(turns)
+    assert mine_all_twice(samples) == mine_all(samples)  # the streamed, two-pass miner
+
+
+def test_the_template_matcher_finds_what_template_spans_finds():
+    # The matcher rules texts out with one regex search and remembers recent texts; on random
+    # texts made of the awkward pieces and of template words, it must find the same spans.
+    words = ["Answer", "the", "question", "using", "a", "single", "word", "or", "phrase", "Yes"]
+    pieces = [*words, ".", "?", " ", "  ", "\t", "\xa0", "\n", "<image>", "é"]
+    templates = frozenset({SHORT, "Yes.", "word or phrase?"})
+    find = template_matcher(templates)
+    rng = random.Random(1)
+    texts = ["".join(rng.choices(pieces, k=rng.randint(0, 30))) for _ in range(3000)] + [SHORT, f"x {SHORT}", "Yes. Yes."]
+    texts += [SHORT.replace(" ", "  ", 1), SHORT.replace(" ", "\t", 2), SHORT.replace(" ", "\xa0"), "word \t or\xa0 phrase?"]  # spaced as people type
+    for text in texts + texts[:50]:  # the second time from memory
+        assert list(find(text)) == template_spans(text, templates), text
+    assert sum(bool(find(text)) for text in texts) > 20  # the random texts do hold templates
+    assert template_matcher(frozenset())(SHORT) == ()
 
 
 # ---------------------------------------------------------------- template spans
