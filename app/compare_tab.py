@@ -120,7 +120,7 @@ def test_data(context: AppContext, kind: str, data_file, images_zip, server_data
     """(data file, image root) of the chosen test data; (None, None) for the run's held-out split."""
     if kind == UPLOAD:
         if not data_file:
-            raise gr.Error("Choose a test data file (.json, .jsonl or .parquet) to upload, or pick the held-out split.")
+            raise gr.Error("Choose a test data file (.json, .jsonl, .parquet or .arrow) to upload, or pick the held-out split.")
         data, images = uploads.store_upload(context.uploads_dir, session, data_file, images_zip)
         return str(data), str(images) if images else None
     if kind == SERVER:
@@ -225,7 +225,7 @@ def build_compare_tab(context: AppContext, demo: gr.Blocks, refresh_on: list) ->
             picture = gr.Image(label="Image", type="pil", format="png", interactive=False, height=220, buttons=[], elem_id="compare-picture")
             with gr.Accordion("Test data", open=False):
                 test_kind = gr.Radio([HELD_OUT, UPLOAD, SERVER], value=HELD_OUT, label="Test samples from", elem_id="test-kind")
-                test_file = gr.File(label="Test data: LLaVA or messages JSON / JSONL, or parquet", file_types=list(uploads.DATA_SUFFIXES), height=90)
+                test_file = gr.File(label="Test data: LLaVA or messages JSON / JSONL, or a parquet or arrow file", file_types=list(uploads.DATA_SUFFIXES), height=90)
                 test_zip = gr.File(label="Its images (.zip)", file_types=[".zip"], height=90)
                 test_path = gr.Textbox(label="Test data path on the server", visible=context.allow_server_paths)
                 test_images = gr.Textbox(label="Image folder or .zip on the server", visible=context.allow_server_paths)

@@ -76,7 +76,7 @@ def use_demo_data(preset: str, mode: str):
 @guarded
 def load_upload(context: AppContext, data_file, images_zip, preset: str, mode: str, session_hash: str | None):
     if not data_file:
-        raise gr.Error("Choose a data file (.json, .jsonl or .parquet) to upload first.")
+        raise gr.Error("Choose a data file (.json, .jsonl, .parquet or .arrow) to upload first.")
     data_path, images_path = uploads.store_upload(context.uploads_dir, session_hash, data_file, images_zip)
     log.info("upload stored in %s", data_path.parent)
     label = Path(data_file).name + (f" + {Path(images_zip).name}" if images_zip else "")
@@ -176,7 +176,7 @@ def _sources(context: AppContext) -> SimpleNamespace:
         gr.Markdown("Synthetic shapes with known answers: trains on a CPU in a minute.", elem_classes="l2t-hint")
         with gr.Accordion("Upload your own", open=True):
             data_file = gr.File(
-                label="Data file: LLaVA or messages JSON / JSONL, or parquet", file_types=list(uploads.DATA_SUFFIXES), height=120, elem_id="upload-data"
+                label="Data file: LLaVA or messages JSON / JSONL, or a parquet or arrow file", file_types=list(uploads.DATA_SUFFIXES), height=120, elem_id="upload-data"
             )
             images_zip = gr.File(label="Images: a .zip (paths in the data are relative to its root)", file_types=[".zip"], height=120, elem_id="upload-images")
             upload = gr.Button("Load the upload")

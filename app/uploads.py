@@ -30,7 +30,7 @@ MAX_UPLOAD_BYTES = 4 * 1024**3
 MAX_ARCHIVE_MEMBERS = 200_000
 MAX_UNCOMPRESSED_BYTES = 16 * 1024**3
 MAX_MEMBER_BYTES = 256 * 1024**2
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
 
 
 class UploadError(ImageError):
@@ -61,11 +61,11 @@ def store_upload(uploads_dir: Path, session_hash: str | None, data_file: str, im
 
 
 def store_data_file(source: str | Path, folder: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> Path:
-    """Copy an uploaded JSON/JSONL/parquet data file into `folder`; returns the stored path."""
+    """Copy an uploaded JSON/JSONL/parquet/arrow data file into `folder`; returns the stored path."""
     source = Path(source)
     suffix = source.suffix.lower()
     if suffix not in DATA_SUFFIXES:
-        raise UploadError("upload_wrong_type", f"'{source.name}' is not a .json, .jsonl or .parquet data file")
+        raise UploadError("upload_wrong_type", f"'{source.name}' is not a .json, .jsonl, .parquet or .arrow data file")
     _check_size(source, max_bytes)
     target = folder / stored_name(source.name, "data" + suffix)
     shutil.copyfile(source, target)

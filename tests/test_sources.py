@@ -217,15 +217,18 @@ def test_the_data_tab_reads_a_dataset_on_the_server(shapes, tmp_path):
         load_server_paths(context, str(tmp_path / "nothing"), "", "tiny", "l2t")
 
 
-def test_a_parquet_upload_is_stored_and_read(shapes, tmp_path):
+def test_a_parquet_or_arrow_upload_is_stored_and_read(shapes, tmp_path):
     from app.uploads import UploadError, store_data_file
 
     llava_dataset(shapes).to_parquet(str(tmp_path / "mine.parquet"))
+    llava_dataset(shapes).save_to_disk(str(tmp_path / "saved"))  # its data file: what a user picks from such a folder
     (tmp_path / "session").mkdir()
     stored = store_data_file(tmp_path / "mine.parquet", tmp_path / "session")
     assert stored.name == "mine.parquet" and len(load_samples(stored)[0]) == SAMPLES  # kept under its own name
+    arrow = store_data_file(next((tmp_path / "saved").glob("*.arrow")), tmp_path / "session")
+    assert arrow.suffix == ".arrow" and len(load_samples(arrow)[0]) == SAMPLES
     (tmp_path / "mine.csv").write_text("a,b\n")
-    with pytest.raises(UploadError, match="is not a .json, .jsonl or .parquet data file"):
+    with pytest.raises(UploadError, match="is not a .json, .jsonl, .parquet or .arrow data file"):
         store_data_file(tmp_path / "mine.csv", tmp_path / "session")
 
 
