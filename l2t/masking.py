@@ -103,18 +103,18 @@ class EncodedBatch:
     bounds: np.ndarray
     image_sizes: list[list[tuple[int, int]]]
 
-    def __len__(self) -> int:
-        return len(self.bounds) - 1
-
     @classmethod
     def join(cls, parts: list[EncodedBatch]) -> EncodedBatch:
-        if not parts:
-            return cls(np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(1, np.int64), [])
+        """One batch of the samples of `parts`, in order."""
         if len(parts) == 1:
             return parts[0]
-        shifts = np.cumsum([0] + [len(p.input_ids) for p in parts[:-1]])
-        bounds = np.concatenate([[0]] + [p.bounds[1:] + shift for p, shift in zip(parts, shifts, strict=True)])
-        return cls(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.roles for p in parts]), bounds, sum((p.image_sizes for p in parts), []))
+        shifts = np.cumsum([0] + [len(p.input_ids) for p in parts])[:-1]
+        return cls(
+            np.concatenate([np.zeros(0, np.int64)] + [p.input_ids for p in parts]),
+            np.concatenate([np.zeros(0, np.int8)] + [p.roles for p in parts]),
+            np.concatenate([[0]] + [p.bounds[1:] + shift for p, shift in zip(parts, shifts, strict=True)]).astype(np.int64),
+            [sizes for p in parts for sizes in p.image_sizes],
+        )
 
     def per_sample(self, flags: np.ndarray) -> np.ndarray:
         """How many of each sample's positions are set in `flags` (one flag per position)."""
