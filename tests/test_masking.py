@@ -531,6 +531,15 @@ def test_encode_many_is_encode_one_by_one(shared_encoders, family, chunk, monkey
     assert encoder.encode_many([]) == []
 
 
+def test_a_padded_or_truncated_tokenizer_call_before_does_not_change_the_encoding(family_processors):
+    encoder = encoder_for(family_processors, "tiny-llava")
+    items = list(PARITY_CASES.values())
+    before = encoder.encode_many(items)
+    encoder.tokenizer(["a", "a much longer text than the first"], padding=True, truncation=True, max_length=4)  # as other code may
+    after = encoder.encode_many(items)
+    assert [e.input_ids.tolist() for e in after] == [e.input_ids.tolist() for e in before]
+
+
 # image tokens (the whole image run) per family and (width, height)
 IMAGE_RUN_LENGTHS = {
     "tiny-llava": {(16, 16): 16, (40, 24): 16, (17, 63): 16},  # resized and cropped to 32x32
