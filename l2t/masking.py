@@ -324,8 +324,9 @@ class Encoder:
             batch = self.tokenizer(texts, return_offsets_mapping=True)
             pairs = [(ids, offsets) for ids, offsets in zip(batch["input_ids"], batch["offset_mapping"], strict=True)]
         else:
-            if backend.padding is not None or backend.truncation is not None:
-                self.tokenizer("")  # a call with padding or truncation leaves them set; a plain call clears them
+            split_special = getattr(self.tokenizer, "split_special_tokens", False)
+            if backend.padding is not None or backend.truncation is not None or backend.encode_special_tokens != split_special:
+                self.tokenizer("")  # the backend keeps the settings of the last call; a plain call sets the plain ones
             pairs = [(e.ids, e.offsets) for e in backend.encode_batch(texts)]
         counts = np.fromiter((len(ids) for ids, _ in pairs), np.int64, len(pairs))
         ids = np.fromiter(chain.from_iterable(ids for ids, _ in pairs), np.int64, int(counts.sum()))
