@@ -153,7 +153,7 @@ def token_counts(selection: DataSelection, preset: str, overrides: tuple[str, ..
     config = load_config(preset, overrides=list(overrides))
     inspection = inspect_data(selection, preset, overrides)
     encoder = Encoder.from_config(config, processor_for(config.preset), effective_templates(inspection, selection))
-    return token_lengths(inspection.samples, encoder)[1], config
+    return token_lengths(inspection.samples, encoder), config
 
 
 # ---------------------------------------------------------------- what the tab shows

@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from l2t.config import Config
-from l2t.data import DataReport, Problem, Sample, finish_report, open_images, read_data
-from l2t.images import ImageError
-from l2t.sources import data_files, dataset_images, is_dataset, is_hub_spec
+from l2t.data import DataReport, Problem, Sample, finish_report, read_data
+from l2t.sources import data_files, dataset_images, image_files, is_dataset, is_hub_spec
 from l2t.templates import TaskTemplate, load_templates, mine_with_settings, save_templates
 
 FORMAT_VERSION = 2
@@ -109,12 +108,7 @@ def _report(payload: dict) -> DataReport:
 
 
 def _image_source(path: Path, images, max_pixels: int):
-    if is_dataset(str(path)):
-        return dataset_images(str(path), images, max_pixels)
-    try:
-        return open_images(images, path, max_pixels)
-    except ImageError:
-        return None
+    return dataset_images(str(path), images, max_pixels) if is_dataset(str(path)) else image_files(images, path, max_pixels)
 
 
 def checked_rows(config: Config, path: Path, images, say=print) -> tuple[SampleRows, DataReport, object, str]:

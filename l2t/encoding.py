@@ -79,7 +79,6 @@ def encode_rows(batch, encoder: Encoder, mode: str, instruction_weight: float, r
     encoded = encoder.encode_batch(items)
     _, weights = labels_and_weights(Encoded(encoded.input_ids, encoded.roles), mode, instruction_weight, response_weight)
     kinds = loss_kinds(encoded.roles, weights)
-    extra = [sum(len(encoder.image_ids(size)) - 1 for size in sample) for sample in encoded.image_sizes]
     bounds = pa.array(encoded.bounds.astype(np.int32))
 
     def lists(values):
@@ -91,7 +90,7 @@ def encode_rows(batch, encoder: Encoder, mode: str, instruction_weight: float, r
         "input_ids": lists(encoded.input_ids.astype(np.int32)),
         "loss_weights": lists(weights.astype(np.float32)),
         "loss_kinds": lists(kinds),
-        "length": pa.array(np.diff(encoded.bounds) + np.asarray(extra, np.int64)),
+        "length": pa.array(encoder.lengths(encoded)),
         "in_loss": pa.array(encoded.per_sample(weights > 0)),
     })  # fmt: skip
 

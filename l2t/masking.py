@@ -72,7 +72,6 @@ LOSS_ROLES = {
     "l2t_relevance": (Role.INSTRUCTION, Role.RESPONSE, Role.RESPONSE_END),
 }
 RESPONSE_ROLES = (Role.RESPONSE, Role.RESPONSE_END)
-PROMPT_ROLES = (Role.SYSTEM, Role.INSTRUCTION, Role.TASK_TEMPLATE)
 
 
 @dataclass
@@ -227,6 +226,11 @@ class Encoder:
         for i, run in zip(at, runs, strict=True):
             expanded[starts[i] : starts[i] + len(run)] = run
         return (expanded, *(np.repeat(c, repeats) for c in columns))
+
+    def lengths(self, batch: EncodedBatch) -> np.ndarray:
+        """Each sample's token count with its images expanded: what the model is fed."""
+        extra = [sum(len(self.image_ids(size)) - 1 for size in sizes) for sizes in batch.image_sizes]
+        return np.diff(batch.bounds) + np.asarray(extra, np.int64)
 
     def encode_batch(self, items: list[tuple[list[dict], list[tuple[int, int]]]], add_generation_prompt: bool = False) -> EncodedBatch:
         """Encode (messages, image sizes) pairs at once, each image kept as one token (`EncodedBatch`).

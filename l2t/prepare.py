@@ -31,9 +31,9 @@ import numpy as np
 from l2t.checked import SampleRows, checked_rows, mined_templates
 from l2t.config import Config, ConfigError
 from l2t.data import DataReport, Sample, load_samples
-from l2t.images import ImageError, ImageSource
-from l2t.masking import Encoded, Encoder
-from l2t.sources import DatasetImages, is_hub_spec
+from l2t.images import ImageSource
+from l2t.masking import Encoder
+from l2t.sources import DatasetImages, image_files
 from l2t.synthetic import bundled_dir
 from l2t.templates import TaskTemplate
 
@@ -80,10 +80,7 @@ def split_held_out(samples: list[Sample], fraction: float, limit: int, seed: int
 def prepare_data(config: Config, say=print) -> PreparedData:
     path, image_root, held_out_path = data_paths(config)
     pixels = config.data.max_image_pixels
-    try:  # opened once (a zip's index is checked once) and shared by every load below
-        source = ImageSource(image_root or path.parent, max_pixels=pixels) if image_root or not is_hub_spec(str(path)) else None
-    except ImageError:
-        source = None  # fine for text-only data; the check reports it if a sample needs an image
+    source = image_files(image_root, path, pixels)  # opened once (a zip's index is checked once), shared by every load below
     rows, report, images, key = checked_rows(config, path, source or image_root, say=say)
     images = images if _any_image(rows) else None
     t = config.train
@@ -111,10 +108,10 @@ def unique_names(ids: list[str]) -> list[str]:
     return names
 
 
-def token_lengths(samples: list[Sample], encoder: Encoder) -> tuple[list[Encoded], dict[str, int]]:
-    """The samples encoded as training encodes them, and each one's token count (image tokens included) by unique name."""
-    encoded = encoder.encode_many([(s.messages, s.image_sizes) for s in samples])
-    return encoded, dict(zip(unique_names([s.id for s in samples]), (len(e) for e in encoded), strict=True))
+def token_lengths(samples: list[Sample], encoder: Encoder) -> dict[str, int]:
+    """Each sample's token count (image tokens included) by unique name, as training encodes it."""
+    lengths = encoder.lengths(encoder.encode_batch([(s.messages, s.image_sizes) for s in samples]))
+    return dict(zip(unique_names([s.id for s in samples]), lengths.tolist(), strict=True))
 
 
 def held_out_records(samples: list[Sample]) -> list[dict]:

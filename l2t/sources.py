@@ -185,19 +185,25 @@ def _jsonable(value) -> bool:
     return True
 
 
+def image_files(images, spec: str, max_pixels: int) -> ImageSource | None:
+    """The image folder or .zip `images` names (default: the data's folder; none for an hf: spec), opened;
+    `images` itself when it is open already. None when there is none to open: that is fine while no
+    sample names an image file, and the check reports each one that does."""
+    if images is not None and not isinstance(images, (str, Path)):
+        return images
+    if not images and is_hub_spec(str(spec)):
+        return None
+    try:
+        return ImageSource(Path(images) if images else Path(spec).parent, max_pixels=max_pixels)
+    except ImageError:
+        return None
+
+
 def _open(spec: str, images, max_pixels: int):
     dataset = open_dataset(spec)
     turns, column = turn_and_image_columns(dataset, spec)
     dataset = raw_images(dataset, column)
-    files = None
-    if isinstance(images, ImageSource):
-        files = images
-    elif images or not is_hub_spec(spec):
-        try:  # a missing root is fine while every image is embedded; a row with a path says so
-            files = ImageSource(Path(images) if images else Path(spec).parent, max_pixels=max_pixels)
-        except ImageError:
-            files = None
-    return dataset, turns, column, DatasetImages(dataset, column, files, max_pixels)
+    return dataset, turns, column, DatasetImages(dataset, column, image_files(images, spec, max_pixels), max_pixels)
 
 
 def dataset_images(spec: str, images, max_pixels: int) -> DatasetImages:

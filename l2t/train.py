@@ -39,7 +39,7 @@ from l2t.files import atomic_write_bytes, atomic_write_json
 from l2t.generation import pad_token_id
 from l2t.masking import IGNORE, LOSS_ROLES, Encoded, Encoder, Role
 from l2t.models import ModelError, add_lora, compute_dtype, fetch_model, load_base_model, load_processor, source
-from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data, token_lengths, unique_names
+from l2t.prepare import PreparedData, data_paths, held_out_records, prepare_data, unique_names
 from l2t.report import markdown_table
 from l2t.sources import is_hub_spec
 from l2t.templates import TaskTemplate, save_templates
@@ -136,7 +136,8 @@ def print_templates(templates: list[TaskTemplate], mode: str) -> None:
 def encode_data(config: Config, data: PreparedData, encoder: Encoder) -> list[tuple[Sample, Encoded]]:
     """The training samples as token ids with a role each; samples over train.max_length are dropped and counted."""
     samples = list(data.train)  # read from the Arrow rows once: this mode keeps them in memory
-    tokens, lengths = token_lengths(samples, encoder)
+    tokens = encoder.encode_many([(s.messages, s.image_sizes) for s in samples])
+    lengths = dict(zip(unique_names([s.id for s in samples]), map(len, tokens), strict=True))
     too_long = skip_too_long(config, data, lengths)
     encoded = [pair for pair, name in zip(zip(samples, tokens, strict=True), lengths) if name not in too_long]
     if not encoded:

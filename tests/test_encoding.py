@@ -19,6 +19,7 @@ from l2t.config import load_config
 from l2t.data import load_data
 from l2t.encoding import MANIFEST, CachedTrainingSet, cache_key, encoded_dataset
 from l2t.masking import Encoder
+from l2t.prepare import token_lengths
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,6 +47,7 @@ def test_cached_items_are_the_in_memory_items(bundled, tiny_processor, tmp_path,
     cached = CachedTrainingSet(table, np.arange(len(samples)), images, tiny_processor, encoder)
     memory = TrainingSet(encode_samples(samples, encoder, "l2t", 1.0, 1.0), images, tiny_processor)
     assert cached.lengths == memory.lengths
+    assert list(token_lengths(samples, encoder).values()) == cached.lengths  # the counts the Data and Train tabs show
     for index in range(len(samples)):
         a, b = cached[index], memory[index]
         for name in ("input_ids", "labels", "loss_weights", "loss_kinds"):
@@ -112,6 +114,7 @@ from l2t import encoding
 from l2t.config import load_config
 from l2t.data import load_data
 from l2t.masking import Encoder
+from l2t.prepare import token_lengths
 from l2t.models import load_processor
 
 config = load_config("tiny", overrides=[f"data.cache={sys.argv[1]}"])
