@@ -11,6 +11,7 @@ keep running if the UI stops; the next `python -m app` re-attaches to them.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 
@@ -22,6 +23,18 @@ def parse_auth(text: str) -> tuple[str, str]:
     if not sep or not user or not password:
         raise argparse.ArgumentTypeError("expected user:password")
     return user, password
+
+
+def exposure_warning(host: str, auth) -> str | None:
+    """What to tell the user who opens the UI to other machines without a login."""
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if local or auth is not None:
+        return None
+    return (f"warning: listening on {host} without --auth: anyone who can reach this port can start trainings "
+            "and read data under the working folder and each --data-root; give --auth USER:PASSWORD")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if warning := exposure_warning(args.host, args.auth):
+        print(warning, file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app.ui import create, serve  # gradio and torch load only once the arguments are good
 

@@ -112,6 +112,14 @@ def test_binds_to_localhost_by_default(app):
     assert app.demo.server_name == "127.0.0.1"
 
 
+def test_opening_the_ui_to_other_machines_without_a_login_warns():
+    from app.__main__ import exposure_warning
+
+    assert "without --auth" in exposure_warning("0.0.0.0", None)
+    assert exposure_warning("0.0.0.0", ("alice", "secret")) is None
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
+
+
 def test_demo_data_report_and_mask(client):
     report, gallery, index, templates, picture, conversation, mask = client.predict("tiny", "l2t", api_name="/use_demo_data")
     assert f"{BUNDLED} of {BUNDLED} samples usable" in report
